@@ -130,6 +130,82 @@ pub trait VirtioDevice: Send {
     /// Stop the worker and forget the queues, returning to the pre-activation state.
     /// Returns false if the device cannot be reset (the transport then marks it `NEEDS_RESET`).
     fn reset(&mut self) -> bool;
+    /// Generation counter of the device config space (the `ConfigGeneration` register). Devices
+    /// whose config can change at runtime (block drive swap) bump it on every change so the
+    /// driver can detect torn reads.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+}
+
+/// A device worker thread plus the eventfd that tells it to stop.
+///
+/// Devices spawn one on `activate` and stop it on `reset` (and on drop).
+#[derive(Debug)]
+pub(crate) struct Worker {
+    kill: EventFd,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Spawn `run` on a thread called `name`. `run` receives a clone of the kill eventfd, which
+    /// it must watch (in its epoll set) and return when it becomes readable.
+    pub(crate) fn spawn<F>(name: String, run: F) -> std::io::Result<Worker>
+    where
+        F: FnOnce(EventFd) + Send + 'static,
+    {
+        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+        let thread_kill = kill.try_clone()?;
+        // A NUL in a thread name would make `spawn` panic.
+        let name = name.replace('\0', "?");
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(thread_kill))?;
+        Ok(Worker {
+            kill,
+            handle: Some(handle),
+        })
+    }
+
+    /// Ask the worker to stop and wait for it. Returns false if the worker could not be
+    /// signalled or had panicked.
+    pub(crate) fn stop(mut self) -> bool {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> bool {
+        let Some(handle) = self.handle.take() else {
+            return true;
+        };
+        if let Err(e) = self.kill.write(1) {
+            log::error!("cannot signal device worker to stop: {e}");
+            return false;
+        }
+        handle.join().is_ok()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Epoll token of a worker's kill eventfd (queue eventfds use their queue index).
+pub(crate) const KILL_TOKEN: u64 = u64::MAX;
+
+/// Wait on `epoll` (retrying on `EINTR`), returning the ready events.
+pub(crate) fn epoll_wait(
+    epoll: &vmm_sys_util::epoll::Epoll,
+    events: &mut [vmm_sys_util::epoll::EpollEvent],
+) -> std::io::Result<usize> {
+    loop {
+        match epoll.wait(-1, events) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 pub mod block;
@@ -137,3 +213,149 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod vsock;
+
+/// Helpers for unit tests: guest memory and a mock driver publishing descriptor chains.
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// Guest memory size used by tests (one region at 0).
+    pub const MEM_SIZE: usize = 0x10_0000;
+    /// Where tests put data buffers.
+    pub const DATA_ADDR: u64 = 0x1_0000;
+    /// Device-writable descriptor flag.
+    pub const W: u16 = VRING_DESC_F_WRITE as u16;
+    /// Device-readable descriptor flag.
+    pub const R: u16 = 0;
+
+    /// 1 MiB of guest memory at address 0.
+    pub fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    /// Publish one chain of `(addr, len, flags)` descriptors, written at descriptor table index
+    /// `first` onwards, in the available ring.
+    pub fn add_chain(
+        vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+        first: u16,
+        descs: &[(u64, u32, u16)],
+    ) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let i = u16::try_from(i).unwrap();
+                let last = usize::from(i) + 1 == descs.len();
+                let flags = if last {
+                    flags
+                } else {
+                    flags | VRING_DESC_F_NEXT as u16
+                };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, first + i + 1))
+            })
+            .collect();
+        vq.add_desc_chains(&raw, first).unwrap();
+    }
+
+    /// The `(id, len)` of used ring entry `i`.
+    pub fn used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, i: usize) -> (u32, u32) {
+        let e = vq.used().ring().ref_at(i).unwrap().load();
+        (e.id(), e.len())
+    }
+
+    /// A self-deleting temporary file path.
+    pub struct TempPath(pub std::path::PathBuf);
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    impl std::ops::Deref for TempPath {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<std::path::Path> for TempPath {
+        fn as_ref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    /// A fresh temporary path (the file is not created).
+    pub fn temp_path(tag: &str) -> TempPath {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        TempPath(std::env::temp_dir().join(format!("hypernetes-{tag}-{}-{n}", std::process::id())))
+    }
+
+    /// Wait (up to 5 s) until the device has published `n` used entries.
+    pub fn wait_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, n: u16) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while used_idx(vq) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "device did not use {n} buffers"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// The used ring index the device published.
+    pub fn used_idx(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>) -> u16 {
+        vq.used().idx().load()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_runs_until_stopped() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A NUL in the name must not make spawn panic.
+        let w = Worker::spawn("bad\0name".to_string(), move |kill| {
+            tx.send(std::thread::current().name().map(str::to_string))
+                .unwrap();
+            let epoll = vmm_sys_util::epoll::Epoll::new().unwrap();
+            epoll
+                .ctl(
+                    vmm_sys_util::epoll::ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(&kill),
+                    vmm_sys_util::epoll::EpollEvent::new(
+                        vmm_sys_util::epoll::EventSet::IN,
+                        KILL_TOKEN,
+                    ),
+                )
+                .unwrap();
+            let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 1];
+            let n = epoll_wait(&epoll, &mut events).unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(events[0].data(), KILL_TOKEN);
+        })
+        .unwrap();
+        assert_eq!(rx.recv().unwrap().as_deref(), Some("bad?name"));
+        assert!(w.stop());
+    }
+
+    #[test]
+    fn interrupt_status_bits() {
+        let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        i.signal_config_change().unwrap();
+        assert_eq!(i.status(), INTERRUPT_STATUS_CONFIG_CHANGED);
+        i.signal_used_queue().unwrap();
+        i.ack(INTERRUPT_STATUS_CONFIG_CHANGED);
+        assert_eq!(i.status(), INTERRUPT_STATUS_USED_RING);
+        assert_eq!(i.eventfd().read().unwrap(), 2);
+        i.reset();
+        assert_eq!(i.status(), 0);
+    }
+}
