@@ -1,1 +1,68 @@
-fn main() {}
+//! `hyperstart`: guest PID 1, or `hyperstart --listen unix:///path` on the host for tests.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agent::block::BlockDevices;
+use agent::power::PowerMode;
+use agent::server::ListenAddr;
+use agent::service::ServiceConfig;
+
+const USAGE: &str = "usage: hyperstart (as PID 1)
+       hyperstart --listen unix:///path/agent.sock [--debug] [--dev-dir DIR --sys-block-dir DIR]
+
+Host mode serves the agent API without PID 1 duties. --dev-dir/--sys-block-dir point ReadBlock at
+a fake /dev and /sys/block where regular files stand in for disks (tests). Reboot and DebugPanic
+exit the process instead of rebooting.";
+
+fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        agent::logger::init(log::LevelFilter::Info);
+        agent::init::run_as_init();
+    }
+    agent::logger::init(if std::env::var_os("HYPERSTART_DEBUG").is_some() {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Info
+    });
+    match parse_host_args(std::env::args().skip(1)) {
+        Ok((addr, config)) => agent::init::run_host(&addr, config),
+        Err(msg) => {
+            eprintln!("hyperstart: {msg}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_host_args(
+    mut args: impl Iterator<Item = String>,
+) -> Result<(ListenAddr, ServiceConfig), String> {
+    let mut listen = None;
+    let mut config = ServiceConfig {
+        debug: false,
+        block: BlockDevices::guest(),
+        power: PowerMode::HostProcess,
+    };
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--listen" => {
+                let text = value("--listen")?;
+                listen =
+                    Some(ListenAddr::parse(&text).ok_or_else(|| format!("bad address {text:?}"))?);
+            }
+            "--debug" => config.debug = true,
+            "--dev-dir" => {
+                config.block.dev_dir = PathBuf::from(value("--dev-dir")?);
+                config.block.allow_regular_files = true;
+            }
+            "--sys-block-dir" => {
+                config.block.sys_block_dir = PathBuf::from(value("--sys-block-dir")?)
+            }
+            "-h" | "--help" => return Err("help".to_owned()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let listen = listen.ok_or("not PID 1: --listen is required")?;
+    Ok((listen, config))
+}

@@ -1,0 +1,143 @@
+//! Start-up as PID 1 and in host mode.
+//!
+//! PID 1 never returns and never exits (that would panic the kernel) except on DebugPanic:
+//! failures are logged and retried.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::thread;
+use std::time::Duration;
+
+use crate::block::BlockDevices;
+use crate::cmdline::Cmdline;
+use crate::power::{PowerAction, PowerMode};
+use crate::reaper::{self, Reaper};
+use crate::server::{self, ListenAddr};
+use crate::service::{AgentService, ServiceConfig};
+use crate::{boottimer, mounts, net};
+
+/// How long to wait before retrying a failed bind.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// Runs as the guest's init. Call from `main` before any other thread exists.
+pub fn run_as_init() -> ! {
+    // Before any thread: every thread must inherit the blocked SIGCHLD (see crate::reaper).
+    if let Err(e) = reaper::block_sigchld() {
+        log::error!("{e}");
+    }
+    for e in mounts::mount_all() {
+        log::error!("{}", error_chain(&e));
+    }
+    ensure_console();
+
+    let (cmdline, problems) = Cmdline::from_proc().unwrap_or_else(|e| {
+        log::error!("reading /proc/cmdline failed: {e}");
+        (Cmdline::default(), Vec::new())
+    });
+    for p in problems {
+        log::warn!("{p}");
+    }
+    if cmdline.debug {
+        log::set_max_level(log::LevelFilter::Debug);
+    }
+
+    // The reaper must run for as long as PID 1 does; keep retrying if the thread cannot start.
+    let _reaper = loop {
+        match Reaper::start() {
+            Ok(r) => break r,
+            Err(e) => {
+                log::error!("{}", error_chain(&e));
+                thread::sleep(RETRY_DELAY);
+            }
+        }
+    };
+
+    if let Err(e) = net::iface::set_up("lo", true) {
+        log::error!("bringing up lo failed: {}", error_chain(&e));
+    }
+
+    let config = ServiceConfig {
+        debug: cmdline.debug,
+        block: BlockDevices::guest(),
+        power: PowerMode::Guest,
+    };
+    let addr = ListenAddr::Vsock(cmdline.port);
+    let _server = serve_until_bound(&addr, &config);
+    crate::poweroff::start(protocol::POWEROFF_PORT);
+
+    if let Err(e) = boottimer::signal_ready() {
+        log::error!("boot timer: {}", error_chain(&e));
+    }
+    announce_ready();
+
+    if cmdline.bench_exit {
+        crate::power::run(PowerMode::Guest, PowerAction::Reboot);
+    }
+    loop {
+        thread::park();
+    }
+}
+
+/// Host mode: serve on `addr` until killed (or Reboot / DebugPanic exit the process).
+pub fn run_host(addr: &ListenAddr, config: ServiceConfig) -> ! {
+    let _server = serve_until_bound(addr, &config);
+    announce_ready();
+    loop {
+        thread::park();
+    }
+}
+
+fn serve_until_bound(addr: &ListenAddr, config: &ServiceConfig) -> ttrpc::Server {
+    loop {
+        match server::serve(addr, AgentService::new(config.clone())) {
+            Ok(server) => {
+                log::info!("serving on {addr:?}");
+                return server;
+            }
+            Err(e) => {
+                log::error!("{}; retrying", error_chain(&e));
+                thread::sleep(RETRY_DELAY);
+            }
+        }
+    }
+}
+
+fn announce_ready() {
+    let mut out = std::io::stdout().lock();
+    // Nothing to do if the console is gone.
+    let _ = writeln!(out, "hyperstart: ready");
+    let _ = out.flush();
+}
+
+/// The kernel gives init /dev/console as fds 0-2 when the initramfs has the node; if it did
+/// not, open it now that devtmpfs is mounted.
+fn ensure_console() {
+    // SAFETY: F_GETFD on a descriptor number has no side effects.
+    let stdout_ok = unsafe { libc::fcntl(1, libc::F_GETFD) } >= 0;
+    if stdout_ok {
+        return;
+    }
+    let Ok(console) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    else {
+        return;
+    };
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors; `console` stays open during the calls.
+        unsafe { libc::dup2(console.as_raw_fd(), fd) };
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,86 @@
+//! The `hyperstart` binary in host mode, driven through the real host client.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use protocol::client::{connect_unix, BlockTarget};
+use protocol::AgentClient;
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(dir: &Dir, extra: &[&str]) -> (Child, AgentClient) {
+    let sock = dir.0.join("agent.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hyperstart"))
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--dev-dir")
+        .arg(dir.0.join("dev"))
+        .arg("--sys-block-dir")
+        .arg(dir.0.join("sys/block"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "hyperstart: ready\n");
+    let client =
+        AgentClient::new(connect_unix(&sock).unwrap()).with_timeout(Duration::from_secs(10));
+    (child, client)
+}
+
+fn setup(tag: &str) -> Dir {
+    let dir =
+        Dir(std::env::temp_dir().join(format!("hyperstart-host-{}-{tag}", std::process::id())));
+    std::fs::create_dir_all(dir.0.join("dev")).unwrap();
+    std::fs::create_dir_all(dir.0.join("sys/block/vdb")).unwrap();
+    std::fs::write(dir.0.join("sys/block/vdb/serial"), "scratch\n").unwrap();
+    std::fs::write(dir.0.join("dev/vdb"), b"hello, block").unwrap();
+    dir
+}
+
+fn wait_exit(child: &mut Child) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < deadline, "hyperstart did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serves_then_exits_on_reboot() {
+    let dir = setup("reboot");
+    let (mut child, client) = start(&dir, &[]);
+    assert_eq!(
+        client.version().unwrap().protocol_version,
+        protocol::PROTOCOL_VERSION
+    );
+    let r = client
+        .read_block(BlockTarget::Serial("scratch".into()), 7, 100)
+        .unwrap();
+    assert_eq!(r.data, b"block");
+    assert_eq!(r.size_bytes, 12);
+    client.reboot().unwrap();
+    assert_eq!(wait_exit(&mut child), 0);
+}
+
+#[test]
+fn debug_panic_exits_when_allowed() {
+    let dir = setup("panic");
+    let (mut child, client) = start(&dir, &["--debug"]);
+    client.debug_panic().unwrap();
+    assert_eq!(wait_exit(&mut child), 1);
+}

@@ -1,0 +1,368 @@
+//! Host-side access to the agent.
+//!
+//! The VMM exposes guest vsock ports through one Unix socket ("hybrid vsock", as in Firecracker):
+//! the host connects, writes `CONNECT <port>\n` and reads `OK <hostport>\n`; from then on the
+//! stream is the guest connection. [`connect_vsock_uds`] performs that handshake, retrying until a
+//! deadline because the agent may not listen yet, and hands the socket to ttrpc.
+//! [`connect_unix`] reaches an agent started in host mode (`hyperstart --listen unix://...`).
+
+use std::io::{self, Read, Write};
+use std::os::unix::io::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::agent;
+use crate::agent_ttrpc;
+
+/// Longest handshake reply accepted, newline included.
+const MAX_REPLY_LEN: usize = 64;
+/// First retry delay; doubles up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Why a connection to the agent could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Connecting to the Unix socket failed.
+    #[error("connecting to {path} failed")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing the handshake failed.
+    #[error("vsock handshake I/O failed")]
+    HandshakeIo(#[source] io::Error),
+    /// The VMM closed the connection without a reply: nothing listens on the guest port yet.
+    #[error("the VMM closed the connection to guest port {port} without a reply")]
+    Refused { port: u32 },
+    /// The VMM answered something other than `OK <hostport>`.
+    #[error("unexpected vsock handshake reply {reply:?}")]
+    BadReply { reply: String },
+    /// Every attempt until the deadline failed; `last` is the final attempt's error.
+    #[error("no connection after {attempts} attempts in {elapsed:?}")]
+    Timeout {
+        attempts: u32,
+        elapsed: Duration,
+        #[source]
+        last: Box<ConnectError>,
+    },
+    /// ttrpc could not take over the connected socket.
+    #[error("creating the ttrpc client failed")]
+    Ttrpc(#[source] ttrpc::Error),
+}
+
+impl ConnectError {
+    /// Whether another attempt may succeed (the VMM or the agent may still be starting).
+    fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Connect { .. } | ConnectError::Refused { .. } => true,
+            ConnectError::HandshakeIo(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
+            ),
+            ConnectError::BadReply { .. }
+            | ConnectError::Timeout { .. }
+            | ConnectError::Ttrpc(_) => false,
+        }
+    }
+}
+
+/// Connects to guest vsock `port` through the VMM's hybrid vsock socket at `uds_path`, retrying
+/// with backoff for up to `timeout` (at least one attempt is made).
+///
+/// Returns the raw ttrpc client; wrap it in [`AgentClient`] for typed calls.
+pub fn connect_vsock_uds(
+    uds_path: impl AsRef<Path>,
+    port: u32,
+    timeout: Duration,
+) -> Result<ttrpc::Client, ConnectError> {
+    let uds_path = uds_path.as_ref();
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut backoff = INITIAL_BACKOFF;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        // A VMM that accepted but never answers must not eat the whole budget of one attempt
+        // forever; give each handshake the remaining time, but at least a little.
+        let io_timeout = remaining.max(Duration::from_millis(50));
+        match handshake(uds_path, port, io_timeout) {
+            Ok(stream) => {
+                return ttrpc::Client::new(stream.into_raw_fd()).map_err(ConnectError::Ttrpc)
+            }
+            Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) if e.is_transient() => {
+                return Err(ConnectError::Timeout {
+                    attempts,
+                    elapsed: start.elapsed(),
+                    last: Box::new(e),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One connection attempt: connect, `CONNECT <port>\n`, expect `OK <hostport>\n`.
+///
+/// Returns the stream in blocking mode without timeouts, ready for ttrpc.
+fn handshake(uds_path: &Path, port: u32, io_timeout: Duration) -> Result<UnixStream, ConnectError> {
+    let mut stream = UnixStream::connect(uds_path).map_err(|source| ConnectError::Connect {
+        path: uds_path.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(io_timeout))
+        .and_then(|()| stream.set_write_timeout(Some(io_timeout)))
+        .map_err(ConnectError::HandshakeIo)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(ConnectError::HandshakeIo)?;
+
+    // Byte by byte: whatever follows the newline already belongs to ttrpc.
+    let mut reply = Vec::with_capacity(16);
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) if reply.is_empty() => return Err(ConnectError::Refused { port }),
+            Ok(0) => {
+                return Err(ConnectError::BadReply {
+                    reply: String::from_utf8_lossy(&reply).into_owned(),
+                })
+            }
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if reply.len() + 1 >= MAX_REPLY_LEN => {
+                reply.push(byte[0]);
+                return Err(ConnectError::BadReply {
+                    reply: String::from_utf8_lossy(&reply).into_owned(),
+                });
+            }
+            Ok(_) => reply.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ConnectError::HandshakeIo(e)),
+        }
+    }
+    parse_ok_reply(&reply).ok_or_else(|| ConnectError::BadReply {
+        reply: String::from_utf8_lossy(&reply).into_owned(),
+    })?;
+
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(ConnectError::HandshakeIo)?;
+    Ok(stream)
+}
+
+/// Parses `OK <hostport>` (newline already stripped) and returns the host port.
+fn parse_ok_reply(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?;
+    let port = line.strip_prefix("OK ")?;
+    port.parse().ok()
+}
+
+/// Connects to an agent serving on a Unix socket (host mode), without any handshake.
+pub fn connect_unix(path: impl AsRef<Path>) -> Result<ttrpc::Client, ConnectError> {
+    let path = path.as_ref();
+    let stream = UnixStream::connect(path).map_err(|source| ConnectError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    ttrpc::Client::new(stream.into_raw_fd()).map_err(ConnectError::Ttrpc)
+}
+
+/// A failed agent call.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// The agent answered with a non-OK status.
+    #[error("agent returned {code:?}: {message}")]
+    Status { code: ttrpc::Code, message: String },
+    /// The call did not complete: connection lost, timeout, encoding error.
+    #[error("agent call failed")]
+    Transport(#[source] ttrpc::Error),
+}
+
+impl RpcError {
+    /// The agent's status code, or `None` when the call failed below the RPC layer.
+    pub fn code(&self) -> Option<ttrpc::Code> {
+        match self {
+            RpcError::Status { code, .. } => Some(*code),
+            RpcError::Transport(_) => None,
+        }
+    }
+}
+
+impl From<ttrpc::Error> for RpcError {
+    fn from(e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(status) => RpcError::Status {
+                code: status.code(),
+                message: status.message().to_owned(),
+            },
+            other => RpcError::Transport(other),
+        }
+    }
+}
+
+/// Which block device a [`AgentClient::read_block`] or [`AgentClient::block_size`] targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockTarget {
+    /// The virtio-blk serial (drive ID).
+    Serial(String),
+    /// A guest node such as `/dev/vdb`.
+    Path(String),
+}
+
+impl From<BlockTarget> for agent::BlockDevice {
+    fn from(target: BlockTarget) -> Self {
+        let mut dev = agent::BlockDevice::new();
+        match target {
+            BlockTarget::Serial(s) => dev.set_serial(s),
+            BlockTarget::Path(p) => dev.set_path(p),
+        }
+        dev
+    }
+}
+
+/// Typed agent client; every call carries a deadline (the default or [`AgentClient::with_timeout`]).
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: agent_ttrpc::AgentClient,
+    timeout: Duration,
+}
+
+impl AgentClient {
+    /// Default per-call timeout.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Wraps a connected ttrpc client.
+    pub fn new(client: ttrpc::Client) -> Self {
+        AgentClient {
+            inner: agent_ttrpc::AgentClient::new(client),
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Returns a client (sharing the connection) whose calls time out after `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        AgentClient {
+            inner: self.inner.clone(),
+            timeout,
+        }
+    }
+
+    /// The generated client, for RPCs this wrapper does not cover yet.
+    pub fn raw(&self) -> &agent_ttrpc::AgentClient {
+        &self.inner
+    }
+
+    fn ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_duration(self.timeout)
+    }
+
+    /// Agent version and protocol version.
+    pub fn version(&self) -> Result<agent::VersionResponse, RpcError> {
+        Ok(self
+            .inner
+            .version(self.ctx(), &agent::VersionRequest::new())?)
+    }
+
+    /// Round trip; returns the echoed nonce.
+    pub fn ping(&self, nonce: u64) -> Result<u64, RpcError> {
+        let mut req = agent::PingRequest::new();
+        req.nonce = nonce;
+        Ok(self.inner.ping(self.ctx(), &req)?.nonce)
+    }
+
+    /// Reads `length` bytes (at most [`crate::MAX_READ_BLOCK_LEN`]) at `offset`.
+    pub fn read_block(
+        &self,
+        device: BlockTarget,
+        offset: u64,
+        length: u32,
+    ) -> Result<agent::ReadBlockResponse, RpcError> {
+        let mut req = agent::ReadBlockRequest::new();
+        req.device = Some(device.into()).into();
+        req.offset = offset;
+        req.length = length;
+        Ok(self.inner.read_block(self.ctx(), &req)?)
+    }
+
+    /// The device's current size in bytes.
+    pub fn block_size(&self, device: BlockTarget) -> Result<u64, RpcError> {
+        let mut req = agent::BlockSizeRequest::new();
+        req.device = Some(device.into()).into();
+        Ok(self.inner.block_size(self.ctx(), &req)?.size_bytes)
+    }
+
+    /// Configures a guest interface.
+    pub fn update_interface(&self, req: &agent::UpdateInterfaceRequest) -> Result<(), RpcError> {
+        self.inner.update_interface(self.ctx(), req)?;
+        Ok(())
+    }
+
+    /// Adds or replaces guest routes.
+    pub fn update_routes(&self, routes: Vec<agent::Route>) -> Result<(), RpcError> {
+        let mut req = agent::UpdateRoutesRequest::new();
+        req.routes = routes;
+        self.inner.update_routes(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// Pings `address` from the guest. The call's own deadline is extended to cover the pings.
+    pub fn ping_host(
+        &self,
+        address: &str,
+        count: u32,
+        timeout_ms: u32,
+    ) -> Result<agent::PingHostResponse, RpcError> {
+        let mut req = agent::PingHostRequest::new();
+        req.address = address.to_owned();
+        req.count = count;
+        req.timeout_ms = timeout_ms;
+        let budget = Duration::from_millis(u64::from(count) * u64::from(timeout_ms));
+        let ctx = ttrpc::context::with_duration(self.timeout + budget);
+        Ok(self.inner.ping_host(ctx, &req)?)
+    }
+
+    /// Asks the guest to reboot (the VM stops). The agent replies before rebooting.
+    pub fn reboot(&self) -> Result<(), RpcError> {
+        self.inner
+            .reboot(self.ctx(), &agent::RebootRequest::new())?;
+        Ok(())
+    }
+
+    /// Same effect as [`AgentClient::reboot`].
+    pub fn shutdown(&self) -> Result<(), RpcError> {
+        self.inner
+            .shutdown(self.ctx(), &agent::ShutdownRequest::new())?;
+        Ok(())
+    }
+
+    /// Makes PID 1 exit (guest kernel panic); only with `hyperstart.debug=1`.
+    pub fn debug_panic(&self) -> Result<(), RpcError> {
+        self.inner
+            .debug_panic(self.ctx(), &agent::DebugPanicRequest::new())?;
+        Ok(())
+    }
+
+    /// What the guest kernel sees: CPUs, memory, release, uptime.
+    pub fn guest_info(&self) -> Result<agent::GuestInfoResponse, RpcError> {
+        Ok(self
+            .inner
+            .guest_info(self.ctx(), &agent::GuestInfoRequest::new())?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
