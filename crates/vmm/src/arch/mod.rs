@@ -1,0 +1,8 @@
+//! x86_64 specifics: memory layout, boot structures, vCPU register state, CPUID and the MP table.
+
+pub mod boot;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod regs;
