@@ -1,0 +1,50 @@
+# Hypernetes build and test entry points. Every target installs or builds what it needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+BUILD ?= $(CURDIR)/build
+export HYPERNETES_BUILD := $(BUILD)
+
+.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench clean
+
+all: build
+
+setup:
+	hack/setup.sh
+
+build:
+	$(CARGO) build --release -p vmm -p agent
+
+guest-kernel:
+	@hack/build-guest-kernel.sh
+
+guest-initrd:
+	@hack/build-initrd.sh
+
+# Kernel + initramfs paths, resolved once (the kernel path is keyed by the config hash).
+guest: guest-kernel guest-initrd
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+# End-to-end tests: boot real guests. Runs the whole e2e suite in ONE KVM test VM boot.
+e2e: guest
+	hack/run-e2e.sh
+
+# The README's test command: everything CI runs.
+test: setup lint unit e2e
+
+# The main job: a pod VM, offline, on the built-in guest.
+demo: setup guest
+	hack/demo.sh
+
+boot-bench: setup guest
+	hack/boot-bench.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)

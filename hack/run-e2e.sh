@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build the VMM, the guest and the e2e test binary, then run every e2e case inside ONE boot of
+# the KVM test VM (or directly, where /dev/kvm can boot a stock guest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+kernel=$(hack/build-guest-kernel.sh | tail -n 1)
+initrd=$(hack/build-initrd.sh | tail -n 1)
+cargo build --release -p vmm
+# The e2e harness binary; cargo prints "Executable tests/x.rs (target/release/deps/x-hash)".
+mapfile -t bins < <(cargo test --release -p e2e --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')
+if [ "${#bins[@]}" -eq 0 ]; then
+    echo "run-e2e: no e2e test binary was built" >&2
+    exit 1
+fi
+
+export HYPERNETES_KERNEL="$kernel"
+export HYPERNETES_INITRD="$initrd"
+export HYPERNETES_VMM="$PWD/target/release/hyper-vmm"
+export RUST_BACKTRACE=1
+
+# One test-VM boot runs all binaries in sequence; a failing binary fails the run.
+script='rc=0; for b in "$@"; do echo "== $b"; "$b" --ignored --test-threads=1 || rc=1; done; exit $rc'
+exec hack/kvm-vm --timeout "${E2E_TIMEOUT:-1500}" -- bash -c "$script" e2e "${bins[@]}"
