@@ -21,4 +21,15 @@ export RUST_BACKTRACE=1
 
 # One test-VM boot runs all binaries in sequence; a failing binary fails the run.
 script='rc=0; for b in "$@"; do echo "== $b"; "$b" --ignored --test-threads=1 || rc=1; done; exit $rc'
-exec hack/kvm-vm --timeout "${E2E_TIMEOUT:-1500}" -- bash -c "$script" e2e "${bins[@]}"
+# The nested test VM itself occasionally hangs with its vCPUs spinning (see ENVIRONMENT.md);
+# kvm-vm reports that as status 124. Such a run proved nothing either way: run it once more,
+# and say so. Test failures (any other status) are never retried.
+for attempt in 1 2; do
+    rc=0
+    hack/kvm-vm --timeout "${E2E_TIMEOUT:-1500}" --hang-timeout 180 -- bash -c "$script" e2e "${bins[@]}" || rc=$?
+    if [ "$rc" -ne 124 ]; then
+        exit "$rc"
+    fi
+    echo "run-e2e: the KVM test VM hung (attempt $attempt)" >&2
+done
+exit 124

@@ -70,6 +70,8 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Guest CID.
     pub cid: u64,
+    /// Kernel image; `None` is `HYPERNETES_KERNEL` (the bzImage).
+    pub kernel: Option<PathBuf>,
 }
 
 impl Default for VmSpec {
@@ -82,6 +84,7 @@ impl Default for VmSpec {
             nets: Vec::new(),
             cmdline: TEST_CMDLINE.to_string(),
             cid: 3,
+            kernel: None,
         }
     }
 }
@@ -115,7 +118,7 @@ impl TestVm {
             .map(|(tap, mac)| serde_json::json!({"tap": tap, "mac": mac}))
             .collect();
         serde_json::json!({
-            "kernel": artifact("HYPERNETES_KERNEL"),
+            "kernel": spec.kernel.clone().unwrap_or_else(|| artifact("HYPERNETES_KERNEL")),
             "initrd": artifact("HYPERNETES_INITRD"),
             "cmdline": spec.cmdline,
             "vcpus": spec.vcpus,

@@ -46,6 +46,20 @@ fn boots_and_answers_ping_over_vsock() {
 
 #[test]
 #[ignore = "boots a guest: run through hack/run-e2e.sh"]
+fn boots_an_elf_vmlinux_too() {
+    let vmlinux = e2e::artifact("HYPERNETES_KERNEL").with_file_name("vmlinux");
+    assert!(vmlinux.exists(), "{} missing", vmlinux.display());
+    let vm = TestVm::start(&VmSpec {
+        kernel: Some(vmlinux),
+        ..VmSpec::default()
+    });
+    let agent = vm.agent(BOOT);
+    assert_eq!(agent.ping(42).expect("ping"), 42);
+    assert_eq!(agent.guest_info().expect("guest info").online_cpus, 1);
+}
+
+#[test]
+#[ignore = "boots a guest: run through hack/run-e2e.sh"]
 fn guest_sees_every_vcpu() {
     let vm = TestVm::start(&VmSpec {
         vcpus: 2,

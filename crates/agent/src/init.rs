@@ -21,6 +21,7 @@ const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Runs as the guest's init. Call from `main` before any other thread exists.
 pub fn run_as_init() -> ! {
+    let init_ms = boottime_ms();
     // Before any thread: every thread must inherit the blocked SIGCHLD (see crate::reaper).
     if let Err(e) = reaper::block_sigchld() {
         log::error!("{e}");
@@ -68,7 +69,7 @@ pub fn run_as_init() -> ! {
     if let Err(e) = boottimer::signal_ready() {
         log::error!("boot timer: {}", error_chain(&e));
     }
-    announce_ready();
+    announce_ready(init_ms, boottime_ms());
 
     if cmdline.bench_exit {
         crate::power::run(PowerMode::Guest, PowerAction::Reboot);
@@ -81,7 +82,7 @@ pub fn run_as_init() -> ! {
 /// Host mode: serve on `addr` until killed (or Reboot / DebugPanic exit the process).
 pub fn run_host(addr: &ListenAddr, config: ServiceConfig) -> ! {
     let _server = serve_until_bound(addr, &config);
-    announce_ready();
+    announce_ready(0, 0);
     loop {
         thread::park();
     }
@@ -102,10 +103,22 @@ fn serve_until_bound(addr: &ListenAddr, config: &ServiceConfig) -> ttrpc::Server
     }
 }
 
-fn announce_ready() {
+/// Guest time since boot (CLOCK_BOOTTIME) in milliseconds; 0 if the clock cannot be read.
+pub fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1000) + (t.tv_nsec() as u64) / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// The readiness line on the console, with where the guest's boot time went: the kernel until
+/// init started (`init_ms`) and the agent until it served (`ready_ms`), both in guest uptime.
+fn announce_ready(init_ms: u64, ready_ms: u64) {
     let mut out = std::io::stdout().lock();
     // Nothing to do if the console is gone.
-    let _ = writeln!(out, "hyperstart: ready");
+    let _ = writeln!(
+        out,
+        "hyperstart: ready init_ms={init_ms} ready_ms={ready_ms}"
+    );
     let _ = out.flush();
 }
 

@@ -67,7 +67,7 @@ pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
 /// Uptime from /proc/uptime text, in milliseconds.
 pub fn parse_uptime_ms(uptime: &str) -> Option<u64> {
     let secs: f64 = uptime.split_whitespace().next()?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0) as u64)
+    (secs.is_finite() && secs >= 0.0).then_some((secs * 1000.0) as u64)
 }
 
 /// Read the figures from /proc and /sys.

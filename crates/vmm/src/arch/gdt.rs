@@ -26,7 +26,7 @@ pub const TSS_SELECTOR: u16 = 3 << 3;
 
 /// Convert a GDT entry into the KVM segment register it describes.
 pub fn kvm_segment_from_gdt(entry: u64, table_index: u8) -> kvm_bindings::kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = (((entry >> 32) & 0x000f_0000) | (entry & 0x0000_ffff)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_bindings::kvm_segment {

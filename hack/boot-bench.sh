@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# make boot-bench: hyper-vmm against QEMU microvm inside one KVM test VM boot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kernel=$(hack/build-guest-kernel.sh | tail -n 1)
+initrd=$(hack/build-initrd.sh | tail -n 1)
+cargo build --release -p vmm
+exec hack/kvm-vm --timeout "${BENCH_TIMEOUT:-1800}" -- \
+    python3 hack/boot-bench.py "$kernel" "$initrd" "$PWD/target/release/hyper-vmm" "${RUNS:-7}"
