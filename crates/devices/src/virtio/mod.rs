@@ -194,6 +194,40 @@ impl Drop for Worker {
 /// Epoll token of a worker's kill eventfd (queue eventfds use their queue index).
 pub(crate) const KILL_TOKEN: u64 = u64::MAX;
 
+/// The event loop of a device with one queue: process the queue once (requests may predate
+/// activation), then again whenever `queue_evt` fires, until `kill` fires.
+pub(crate) fn single_queue_loop(
+    queue_evt: &EventFd,
+    kill: &EventFd,
+    mut process: impl FnMut(),
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        queue_evt.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        kill.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, KILL_TOKEN),
+    )?;
+    let mut events = [EpollEvent::default(); 4];
+    process();
+    loop {
+        let n = epoll_wait(&epoll, &mut events)?;
+        for ev in events.iter().take(n) {
+            if ev.data() == KILL_TOKEN {
+                return Ok(());
+            }
+            let _ = queue_evt.read();
+            process();
+        }
+    }
+}
+
 /// Wait on `epoll` (retrying on `EINTR`), returning the ready events.
 pub(crate) fn epoll_wait(
     epoll: &vmm_sys_util::epoll::Epoll,

@@ -1,17 +1,15 @@
 //! virtio-rng (entropy device): fills device-writable buffers from `getrandom(2)`.
 
 use std::io;
-use std::os::fd::AsRawFd;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory, Permissions};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    device_type, epoll_wait, ActivateContext, ActivateError, Interrupt, VirtioDevice, Worker,
-    KILL_TOKEN, VIRTIO_F_VERSION_1,
+    device_type, single_queue_loop, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    Worker, VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemory as Memory;
 
@@ -207,29 +205,8 @@ impl RngWorker {
     }
 
     fn event_loop(&mut self, kill: &EventFd) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            kill.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, KILL_TOKEN),
-        )?;
-        let mut events = [EpollEvent::default(); 4];
-        self.process();
-        loop {
-            let n = epoll_wait(&epoll, &mut events)?;
-            for ev in events.iter().take(n) {
-                if ev.data() == KILL_TOKEN {
-                    return Ok(());
-                }
-                let _ = self.evt.read();
-                self.process();
-            }
-        }
+        let evt = self.evt.try_clone()?;
+        single_queue_loop(&evt, kill, || self.process())
     }
 
     fn process(&mut self) {

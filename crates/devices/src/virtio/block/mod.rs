@@ -14,13 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_queue::Queue;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::request::{Backing, ID_LEN, SECTOR_SIZE};
 use super::{
-    device_type, epoll_wait, ActivateContext, ActivateError, Interrupt, VirtioDevice, Worker,
-    KILL_TOKEN, VIRTIO_F_VERSION_1,
+    device_type, single_queue_loop, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    Worker, VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemory;
 
@@ -349,30 +348,8 @@ impl BlockWorker {
     }
 
     fn event_loop(&mut self, kill: &EventFd) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&self.evt),
-            EpollEvent::new(EventSet::IN, 0),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(kill),
-            EpollEvent::new(EventSet::IN, KILL_TOKEN),
-        )?;
-        let mut events = [EpollEvent::default(); 4];
-        // Requests may already be pending from before activation.
-        self.process();
-        loop {
-            let n = epoll_wait(&epoll, &mut events)?;
-            for ev in events.iter().take(n) {
-                if ev.data() == KILL_TOKEN {
-                    return Ok(());
-                }
-                let _ = self.evt.read();
-                self.process();
-            }
-        }
+        let evt = self.evt.try_clone()?;
+        single_queue_loop(&evt, kill, || self.process())
     }
 
     fn process(&mut self) {
