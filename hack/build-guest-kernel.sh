@@ -27,7 +27,7 @@ SRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
 
 # --- Build dependencies ------------------------------------------------------
 need_pkgs=()
-for p in "$SRC_PKG" bc flex bison libelf-dev libssl-dev make gcc libc6-dev xz-utils; do
+for p in "$SRC_PKG" bc flex bison libelf-dev libssl-dev make gcc libc6-dev xz-utils lz4; do
     if [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) != "install ok installed" ]]; then
         need_pkgs+=("$p")
     fi

@@ -12,7 +12,7 @@ PACKAGES=(
     build-essential pkg-config protobuf-compiler
     linux-source-6.1 bc flex bison libelf-dev libssl-dev
     qemu-system-x86 linux-image-amd64 busybox-static cpio kmod
-    iproute2 e2fsprogs socat
+    iproute2 e2fsprogs socat lz4 python3
 )
 RUST_TARGETS=(x86_64-unknown-linux-musl)
 
