@@ -164,7 +164,11 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
 }
 
 fn main() -> ExitCode {
-    let start = Instant::now();
+    // boot_ms counts from the process start (exec), not from main().
+    let start = match vmm::metrics::process_age() {
+        Some(age) => Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        None => Instant::now(),
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
@@ -206,7 +210,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    log::info!("VM started in {} ms", start.elapsed().as_millis());
     let exit = vm.run(control.as_deref(), signals.as_ref());
     match &exit {
         vmm::vm::VmExit::Error(e) => log::error!("VM failed: {e}"),

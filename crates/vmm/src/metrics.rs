@@ -71,3 +71,41 @@ mod tests {
         assert!(ProcStatus::read().rss > 0);
     }
 }
+
+/// How long ago this process was started (exec), from /proc/self/stat's start time in clock
+/// ticks since boot against CLOCK_BOOTTIME. Resolution is one clock tick (10 ms); `None` if
+/// /proc is unavailable.
+pub fn process_age() -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // `rest` starts at field 3 (state); starttime is field 22.
+    let start_ticks: u64 = rest.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec we pass.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    let now_ms =
+        u64::try_from(ts.tv_sec).ok()? * 1000 + u64::try_from(ts.tv_nsec).ok()? / 1_000_000;
+    let start_ms = start_ticks * 1000 / hz;
+    Some(std::time::Duration::from_millis(
+        now_ms.saturating_sub(start_ms),
+    ))
+}
+
+#[cfg(test)]
+mod age_tests {
+    #[test]
+    fn process_age_is_small_and_positive() {
+        let age = super::process_age().expect("age");
+        // The test process started at most a few minutes ago (cargo test runs it fresh).
+        assert!(age < std::time::Duration::from_secs(600), "{age:?}");
+    }
+}

@@ -173,6 +173,44 @@ fn check_caps(kvm: &Kvm) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Where VM set-up time goes, for the boot-time split the VMM logs.
+struct Phases {
+    last: Instant,
+    start: Instant,
+    marks: Vec<(&'static str, u128)>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Self {
+        let now = Instant::now();
+        Phases {
+            last: now,
+            start,
+            marks: vec![("exec", now.duration_since(start).as_millis())],
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.marks
+            .push((name, now.duration_since(self.last).as_millis()));
+        self.last = now;
+    }
+
+    fn report(&self) -> String {
+        let parts: Vec<String> = self
+            .marks
+            .iter()
+            .map(|(n, ms)| format!("{n}_ms={ms}"))
+            .collect();
+        format!(
+            "total_ms={} {}",
+            self.last.duration_since(self.start).as_millis(),
+            parts.join(" ")
+        )
+    }
+}
+
 /// A virtio device waiting to be placed on the bus.
 struct PendingVirtio {
     name: String,
@@ -183,6 +221,7 @@ impl Vm {
     /// Build the VM and start its vCPUs. `start` is the VMM process start, for `boot_ms`.
     pub fn build(config: VmConfig, start: Instant) -> Result<Vm, VmError> {
         config.validate()?;
+        let mut phases = Phases::new(start);
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         check_caps(&kvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
@@ -199,6 +238,7 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
 
+        phases.mark("kvm");
         let ram = GuestRam::new(config.memory_mib << 20)?;
         for (slot, region) in ram.mem.iter().enumerate() {
             let host = ram
@@ -218,6 +258,7 @@ impl Vm {
             unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }
 
+        phases.mark("memory");
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
@@ -306,6 +347,7 @@ impl Vm {
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         }
 
+        phases.mark("devices");
         let loaded = boot::load(
             &ram.mem,
             ram.size(),
@@ -317,6 +359,7 @@ impl Vm {
         regs::write_boot_tables(&ram.mem)?;
         mptable::setup_mptable(&ram.mem, config.vcpus)?;
 
+        phases.mark("load");
         install_kick_handler().map_err(io_err("vCPU kick signal handler"))?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -357,6 +400,8 @@ impl Vm {
             )
             .map_err(io_err("vCPU thread"))?;
         }
+        phases.mark("vcpus");
+        log::info!("VM set up: {}", phases.report());
         Ok(Vm {
             config,
             start,
