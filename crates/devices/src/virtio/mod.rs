@@ -140,7 +140,8 @@ pub trait VirtioDevice: Send {
 
 /// A device worker thread plus the eventfd that tells it to stop.
 ///
-/// Devices spawn one on `activate` and stop it on `reset` (and on drop).
+/// Devices spawn one on `activate` and stop it on `reset`; dropping it (with the device) also
+/// stops and joins the thread.
 #[derive(Debug)]
 pub(crate) struct Worker {
     kill: EventFd,
@@ -171,6 +172,11 @@ impl Worker {
     /// signalled or had panicked.
     pub(crate) fn stop(mut self) -> bool {
         self.stop_inner()
+    }
+
+    /// Stop the worker in `slot`, if any (a device's `reset`). True if there was none.
+    pub(crate) fn stop_slot(slot: &mut Option<Worker>) -> bool {
+        slot.take().is_none_or(Worker::stop)
     }
 
     fn stop_inner(&mut self) -> bool {

@@ -123,14 +123,6 @@ impl Rng {
     }
 }
 
-impl Drop for Rng {
-    fn drop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-    }
-}
-
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         device_type::RNG
@@ -165,9 +157,7 @@ impl VirtioDevice for Rng {
         let (Some(queue), Some(evt), 1) = (queues.pop(), queue_evts.pop(), got) else {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        Worker::stop_slot(&mut self.worker);
         let worker = RngWorker {
             mem,
             queue,
@@ -183,10 +173,7 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
-        match self.worker.take() {
-            Some(w) => w.stop(),
-            None => true,
-        }
+        Worker::stop_slot(&mut self.worker)
     }
 }
 

@@ -193,14 +193,6 @@ impl Block {
     }
 }
 
-impl Drop for Block {
-    fn drop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-    }
-}
-
 /// Copy config bytes at `offset` into `data`; out-of-range bytes read as zero.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
@@ -257,9 +249,7 @@ impl VirtioDevice for Block {
                 got: 0,
             });
         };
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        Worker::stop_slot(&mut self.worker);
         let worker = BlockWorker {
             mem,
             queue,
@@ -277,10 +267,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> bool {
         *lock(&self.shared.interrupt) = None;
         self.acked_features = 0;
-        match self.worker.take() {
-            Some(w) => w.stop(),
-            None => true,
-        }
+        Worker::stop_slot(&mut self.worker)
     }
 
     fn config_generation(&self) -> u32 {

@@ -99,14 +99,6 @@ impl Net {
     }
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-    }
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         device_type::NET
@@ -147,9 +139,7 @@ impl VirtioDevice for Net {
         else {
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        Worker::stop_slot(&mut self.worker);
         let worker = NetWorker {
             mem,
             rx_queue,
@@ -170,10 +160,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
-        match self.worker.take() {
-            Some(w) => w.stop(),
-            None => true,
-        }
+        Worker::stop_slot(&mut self.worker)
     }
 }
 

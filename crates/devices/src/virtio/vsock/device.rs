@@ -71,10 +71,7 @@ impl Vsock {
     }
 
     fn stop_worker(&mut self) -> bool {
-        match self.worker.take() {
-            Some(w) => w.stop(),
-            None => true,
-        }
+        Worker::stop_slot(&mut self.worker)
     }
 }
 
