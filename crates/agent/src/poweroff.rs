@@ -7,7 +7,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use nix::sys::socket::{
-    accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    accept, bind as bind_addr, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
+    VsockAddr,
 };
 
 use crate::power::{self, PowerAction, PowerMode};
@@ -20,13 +21,20 @@ pub fn is_poweroff_request(buf: &[u8]) -> bool {
     buf.starts_with(REQUEST)
 }
 
-/// Serve the power button on its own thread. Errors are logged: a missing power button must not
-/// take the agent down.
+/// Bind the power button now (so it is there before the agent reports ready), then serve it on
+/// its own thread. Errors are logged: a missing power button must not take the agent down.
 pub fn start(port: u32) {
+    let listener = match bind(port) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("power button on vsock port {port}: {e}");
+            return;
+        }
+    };
     let spawned = std::thread::Builder::new()
         .name("poweroff".into())
         .spawn(move || {
-            if let Err(e) = serve(port) {
+            if let Err(e) = serve(&listener) {
                 log::error!("power button on vsock port {port}: {e}");
             }
         });
@@ -35,15 +43,19 @@ pub fn start(port: u32) {
     }
 }
 
-fn serve(port: u32) -> nix::Result<()> {
+fn bind(port: u32) -> nix::Result<OwnedFd> {
     let fd = socket(
         AddressFamily::Vsock,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
+    bind_addr(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
     listen(&fd, Backlog::new(4)?)?;
+    Ok(fd)
+}
+
+fn serve(fd: &OwnedFd) -> nix::Result<()> {
     loop {
         let conn = match accept(fd.as_raw_fd()) {
             Ok(c) => c,
@@ -66,7 +78,7 @@ fn serve(port: u32) -> nix::Result<()> {
             log::info!("power-off requested by the VMM");
             power::run(PowerMode::Guest, PowerAction::Reboot);
         } else {
-            log::warn!("power button: ignoring {} unexpected bytes", got);
+            log::warn!("power button: ignoring {got} unexpected bytes");
         }
     }
 }

@@ -76,8 +76,9 @@ fn read_signal(fd: &OwnedFd) -> Option<u32> {
 }
 
 /// Ask the guest agent to power off: connect through our own vsock socket to its power-off
-/// port. Runs on a short-lived thread so the control loop never blocks on the guest.
-pub fn request_guest_poweroff(vsock_socket: PathBuf) {
+/// port. Runs on a short-lived thread so the control loop never blocks on the guest, and retries
+/// until `deadline` (an agent that is still starting answers with a reset).
+pub fn request_guest_poweroff(vsock_socket: PathBuf, deadline: Instant) {
     let r = std::thread::Builder::new()
         .name("poweroff".into())
         .spawn(move || {
@@ -93,7 +94,15 @@ pub fn request_guest_poweroff(vsock_socket: PathBuf) {
                 s.write_all(b"poweroff\n")?;
                 Ok(())
             };
-            if let Err(e) = attempt() {
+            let mut last = None;
+            while Instant::now() < deadline {
+                match attempt() {
+                    Ok(()) => return,
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(e) = last {
                 log::warn!("graceful stop: cannot reach the guest agent: {e}");
             }
         });

@@ -533,8 +533,9 @@ impl Vm {
                 match (&self.config.vsock, graceful) {
                     (Some(vs), true) => {
                         self.control.resume();
-                        crate::runloop::request_guest_poweroff(vs.socket.clone());
-                        ctx.stop_deadline = Some(Instant::now() + timeout);
+                        let deadline = Instant::now() + timeout;
+                        crate::runloop::request_guest_poweroff(vs.socket.clone(), deadline);
+                        ctx.stop_deadline = Some(deadline);
                         serde_json::json!({"ok": true, "state": "stopping", "graceful": true})
                     }
                     _ => {
