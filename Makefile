@@ -12,8 +12,8 @@ all: build
 setup:
 	hack/setup.sh
 
-build:
-	$(CARGO) build --release -p vmm -p agent
+build: guest
+	hack/build-vmm.sh
 
 guest-kernel:
 	@hack/build-guest-kernel.sh

@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 kernel=$(hack/build-guest-kernel.sh | tail -n 1)
 initrd=$(hack/build-initrd.sh | tail -n 1)
-cargo build --release -p vmm
+vmm=$(hack/build-vmm.sh | tail -n 1)
 exec hack/kvm-vm --timeout "${BENCH_TIMEOUT:-1800}" -- \
-    python3 hack/boot-bench.py "$kernel" "$initrd" "$PWD/target/release/hyper-vmm" "${RUNS:-7}"
+    python3 hack/boot-bench.py "$kernel" "$initrd" "$vmm" "${RUNS:-7}"

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 export HYPERNETES_KERNEL HYPERNETES_INITRD HYPERNETES_VMM
 HYPERNETES_KERNEL=$(hack/build-guest-kernel.sh | tail -n 1)
 HYPERNETES_INITRD=$(hack/build-initrd.sh | tail -n 1)
-cargo build --release -p vmm -p e2e --bin hyper-vmm --bin pod-vm-demo
-HYPERNETES_VMM="$PWD/target/release/hyper-vmm"
+HYPERNETES_VMM=$(hack/build-vmm.sh | tail -n 1)
+cargo build --release -p e2e --bin pod-vm-demo
 exec hack/kvm-vm --timeout 900 -- "$PWD/target/release/pod-vm-demo"

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 kernel=$(hack/build-guest-kernel.sh | tail -n 1)
 initrd=$(hack/build-initrd.sh | tail -n 1)
-cargo build --release -p vmm
+vmm=$(hack/build-vmm.sh | tail -n 1)
 # The e2e harness binary; cargo prints "Executable tests/x.rs (target/release/deps/x-hash)".
 mapfile -t bins < <(cargo test --release -p e2e --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')
 if [ "${#bins[@]}" -eq 0 ]; then
@@ -16,7 +16,7 @@ fi
 
 export HYPERNETES_KERNEL="$kernel"
 export HYPERNETES_INITRD="$initrd"
-export HYPERNETES_VMM="$PWD/target/release/hyper-vmm"
+export HYPERNETES_VMM="$vmm"
 export RUST_BACKTRACE=1
 
 # One test-VM boot runs all binaries in sequence; a failing binary fails the run.
