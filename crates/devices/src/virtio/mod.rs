@@ -200,6 +200,27 @@ impl Drop for Worker {
 /// Epoll token of a worker's kill eventfd (queue eventfds use their queue index).
 pub(crate) const KILL_TOKEN: u64 = u64::MAX;
 
+/// Pop the next available chain whose head names a descriptor of `queue`. Heads beyond the queue
+/// size are skipped (a guest can write anything into the available ring): there is nothing to
+/// process and no used entry can name them.
+pub(crate) fn pop_chain<'m, M: vm_memory::GuestMemory>(
+    queue: &mut Queue,
+    mem: &'m M,
+    device: &str,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m M>>, virtio_queue::Error> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    loop {
+        let Some(chain) = queue.iter(mem)?.next() else {
+            return Ok(None);
+        };
+        let head = chain.head_index();
+        if head < queue.size() {
+            return Ok(Some(chain));
+        }
+        log::debug!("{device}: avail ring names descriptor {head}");
+    }
+}
+
 /// The event loop of a device with one queue: process the queue once (requests may predate
 /// activation), then again whenever `queue_evt` fires, until `kill` fires.
 pub(crate) fn single_queue_loop(

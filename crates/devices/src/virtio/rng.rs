@@ -3,7 +3,7 @@
 use std::io;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -11,6 +11,7 @@ use super::{
     device_type, single_queue_loop, ActivateContext, ActivateError, Interrupt, VirtioDevice,
     Worker, VIRTIO_F_VERSION_1,
 };
+use crate::virtio::pop_chain;
 use crate::GuestMemory as Memory;
 
 /// Size of the single request queue.
@@ -55,16 +56,9 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
 pub fn process_queue<M: GuestMemory>(mem: &M, queue: &mut Queue) -> Result<bool, RngError> {
     let mut used_any = false;
     loop {
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(e) => return Err(RngError::AvailRing(e)),
-        };
+        let chain = pop_chain(queue, mem, "virtio-rng").map_err(RngError::AvailRing)?;
         let Some(chain) = chain else { break };
         let head = chain.head_index();
-        if head >= queue.size() {
-            log::debug!("virtio-rng: avail ring names descriptor {head}");
-            continue;
-        }
         let len = fill_chain(mem, chain)?;
         queue.add_used(mem, head, len).map_err(RngError::UsedRing)?;
         used_any = true;

@@ -11,12 +11,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use crate::virtio::pop_chain;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, ReadVolatile,
@@ -162,17 +163,9 @@ where
 {
     let mut used_any = false;
     loop {
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(e) => return Err(QueueError::AvailRing(e)),
-        };
+        let chain = pop_chain(queue, mem, "virtio-blk").map_err(QueueError::AvailRing)?;
         let Some(chain) = chain else { break };
         let head = chain.head_index();
-        if head >= queue.size() {
-            // Not a chain: nothing to process and no used entry can name it.
-            log::debug!("virtio-blk: avail ring names descriptor {head}");
-            continue;
-        }
         let used_len = {
             let guard = backing();
             process_request(mem, chain, &guard, serial)

@@ -8,11 +8,12 @@
 use std::io;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::NetError;
+use crate::virtio::pop_chain;
 
 /// Largest frame (vnet header included) we move in either direction: a 64 KiB IP packet plus
 /// Ethernet and VLAN headers.
@@ -95,17 +96,10 @@ pub fn process_rx<M: GuestMemory>(
                 Err(e) => return Err(NetError::TapRead(e)),
             },
         };
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(e) => return Err(NetError::AvailRing(e)),
-        };
+        let chain = pop_chain(queue, mem, "virtio-net").map_err(NetError::AvailRing)?;
         // No guest buffer: hold the frame until the driver adds some.
         let Some(chain) = chain else { break };
         let head = chain.head_index();
-        if head >= queue.size() {
-            log::debug!("virtio-net: avail ring names descriptor {head}");
-            continue;
-        }
         let frame = rx.buf.get_mut(..len).unwrap_or_default();
         let used = match write_frame(mem, chain, frame) {
             Some(used) => {
@@ -173,16 +167,9 @@ pub fn process_tx<M: GuestMemory>(
 ) -> Result<bool, NetError> {
     let mut used_any = false;
     loop {
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(e) => return Err(NetError::AvailRing(e)),
-        };
+        let chain = pop_chain(queue, mem, "virtio-net").map_err(NetError::AvailRing)?;
         let Some(chain) = chain else { break };
         let head = chain.head_index();
-        if head >= queue.size() {
-            log::debug!("virtio-net: avail ring names descriptor {head}");
-            continue;
-        }
         if read_frame(mem, chain, frame) {
             match tap.write(frame) {
                 Ok(_) => stats.frames += 1,
