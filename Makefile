@@ -5,7 +5,7 @@ CARGO ?= cargo
 BUILD ?= $(CURDIR)/build
 export HYPERNETES_BUILD := $(BUILD)
 
-.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench clean
+.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench clean
 
 all: build
 
@@ -44,6 +44,10 @@ demo: setup guest
 
 boot-bench: setup guest
 	hack/boot-bench.sh
+
+# Image pull + unpack + rootfs disk against skopeo + umoci, on a local registry.
+image-bench:
+	hack/image-bench.sh
 
 clean:
 	$(CARGO) clean
