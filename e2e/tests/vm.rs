@@ -97,6 +97,12 @@ fn disk_content_is_read_back_by_the_guest() {
         .expect_err("unknown serial");
     assert_eq!(err.code(), Some(ttrpc::Code::NOT_FOUND), "{err}");
     assert_eq!(agent.ping(1).unwrap(), 1);
+    // The VMM counted the guest's reads of the disk.
+    let m = vm.control(serde_json::json!({"op": "metrics"}));
+    let blk = &m["block"]["data0"];
+    assert!(blk["reads"].as_u64().unwrap() >= 2, "{m}");
+    assert!(blk["read_bytes"].as_u64().unwrap() >= 65536 + 100, "{m}");
+    assert_eq!(blk["writes"], 0, "{m}");
 }
 
 fn swap(vm: &TestVm, id: &str, path: &Path) -> serde_json::Value {
@@ -217,6 +223,11 @@ fn guest_eth0_pings_the_host_side_of_the_tap() {
         r.received,
         vm.diagnostics()
     );
+    // The VMM counted the echo requests out and the replies in.
+    let m = vm.control(serde_json::json!({"op": "metrics"}));
+    let nic = &m["net"][tap];
+    assert!(nic["tx_frames"].as_u64().unwrap() >= 3, "{m}");
+    assert!(nic["rx_frames"].as_u64().unwrap() >= 2, "{m}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Mutex;
 
 use devices::bus::BusDevice;
-use devices::virtio::block::request::{process_queue as blk_process, Backing};
+use devices::virtio::block::request::{process_queue as blk_process, Backing, BlockStats};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::rng::process_queue as rng_process;
@@ -128,10 +128,11 @@ fn random_chains_never_crash_block() {
         });
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(read_only));
         let mut used = 0u32;
+        let stats = BlockStats::default();
         for _ in 0..3000 {
             let mem = memory();
             let mut q = random_queue(&mem, &mut rng);
-            let _ = blk_process(&mem, &mut q, b"hostile-test-serial!", || {
+            let _ = blk_process(&mem, &mut q, b"hostile-test-serial!", &stats, || {
                 backing.lock().unwrap()
             });
             assert!(

@@ -135,6 +135,7 @@ pub struct Vm {
     vcpu_evt: EventFd,
     reset_evt: EventFd,
     drives: BTreeMap<String, BlockHandle>,
+    nics: Vec<(String, Arc<devices::virtio::net::NetCounters>)>,
     boot_ms: Arc<AtomicU64>,
     counters: Arc<ExitCounters>,
     /// Kept alive for the VM's lifetime: transports and legacy devices live on the buses.
@@ -302,10 +303,12 @@ impl Vm {
                 device: Box::new(blk),
             });
         }
+        let mut nics = Vec::new();
         for net in &config.nets {
             let mac = parse_mac(&net.mac)?;
             let dev = devices::virtio::net::Net::new(&net.tap, mac)
                 .map_err(dev_err(format!("net on tap {}", net.tap)))?;
+            nics.push((net.tap.clone(), dev.counters()));
             pending.push(PendingVirtio {
                 name: format!("net {}", net.tap),
                 device: Box::new(dev),
@@ -413,6 +416,7 @@ impl Vm {
             vcpu_evt,
             reset_evt,
             drives,
+            nics,
             boot_ms,
             counters,
             _pio: pio,
@@ -469,6 +473,22 @@ impl Vm {
 
     fn metrics(&self) -> serde_json::Value {
         let st = crate::metrics::ProcStatus::read();
+        let counters = |pairs: &[(&str, u64)]| -> serde_json::Map<String, serde_json::Value> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).into()))
+                .collect()
+        };
+        let blk: serde_json::Map<String, serde_json::Value> = self
+            .drives
+            .iter()
+            .map(|(id, h)| (id.clone(), counters(&h.stats().snapshot()).into()))
+            .collect();
+        let net: serde_json::Map<String, serde_json::Value> = self
+            .nics
+            .iter()
+            .map(|(tap, c)| (tap.clone(), counters(&c.snapshot()).into()))
+            .collect();
         serde_json::json!({
             "ok": true,
             "uptime_ms": self.start.elapsed().as_millis() as u64,
@@ -485,6 +505,8 @@ impl Vm {
             "vmm_peak_rss_bytes": st.hwm,
             "vmm_overhead_bytes": st.overhead(),
             "threads": st.threads,
+            "block": blk,
+            "net": net,
         })
     }
 

@@ -16,6 +16,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BL
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use self::request::BlockStats;
 use self::request::{Backing, ID_LEN, SECTOR_SIZE};
 use super::{
     device_type, single_queue_loop, ActivateContext, ActivateError, Interrupt, VirtioDevice,
@@ -90,6 +91,8 @@ struct Shared {
     info: Mutex<DriveInfo>,
     /// Set while the device is activated, to raise config-change interrupts.
     interrupt: Mutex<Option<Interrupt>>,
+    /// I/O counters.
+    stats: BlockStats,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -160,6 +163,7 @@ impl Block {
                 generation: AtomicU32::new(0),
                 info: Mutex::new(info),
                 interrupt: Mutex::new(None),
+                stats: BlockStats::default(),
             }),
             avail_features,
             acked_features: 0,
@@ -282,6 +286,11 @@ pub struct BlockHandle {
 }
 
 impl BlockHandle {
+    /// The drive's I/O counters.
+    pub fn stats(&self) -> &BlockStats {
+        &self.shared.stats
+    }
+
     /// Replace the backing file with `path` (opened read-only if `read_only`). Waits for the
     /// in-flight request, if any; later requests go to the new file. Updates the capacity in
     /// config space, bumps the config generation and, if the device is active, raises a
@@ -341,9 +350,13 @@ impl BlockWorker {
 
     fn process(&mut self) {
         let shared = &self.shared;
-        match request::process_queue(&self.mem, &mut self.queue, &shared.serial, || {
-            lock(&shared.backing)
-        }) {
+        match request::process_queue(
+            &self.mem,
+            &mut self.queue,
+            &shared.serial,
+            &shared.stats,
+            || lock(&shared.backing),
+        ) {
             Ok(true) => {
                 if let Err(e) = self.interrupt.signal_used_queue() {
                     log::error!("virtio-blk {}: cannot raise interrupt: {e}", shared.id);

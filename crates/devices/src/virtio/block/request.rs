@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::virtio::pop_chain;
 use virtio_bindings::virtio_blk::{
@@ -113,6 +114,42 @@ pub enum QueueError {
     UsedRing(#[source] virtio_queue::Error),
 }
 
+/// I/O counters of one drive, updated by the request path and read by the VMM's metrics.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    /// Completed read requests.
+    pub reads: AtomicU64,
+    /// Completed write requests.
+    pub writes: AtomicU64,
+    /// Completed flushes.
+    pub flushes: AtomicU64,
+    /// Bytes read from the backing file into the guest.
+    pub read_bytes: AtomicU64,
+    /// Bytes written from the guest to the backing file.
+    pub write_bytes: AtomicU64,
+    /// Requests answered with an error status (or unanswerable).
+    pub errors: AtomicU64,
+}
+
+impl BlockStats {
+    /// The counters as (name, value) pairs, for reporting.
+    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("reads", g(&self.reads)),
+            ("writes", g(&self.writes)),
+            ("flushes", g(&self.flushes)),
+            ("read_bytes", g(&self.read_bytes)),
+            ("write_bytes", g(&self.write_bytes)),
+            ("errors", g(&self.errors)),
+        ]
+    }
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
 /// The file behind a drive, as the request path sees it.
 #[derive(Debug)]
 pub struct Backing {
@@ -154,6 +191,7 @@ pub fn process_queue<M, F, G>(
     mem: &M,
     queue: &mut Queue,
     serial: &[u8; ID_LEN],
+    stats: &BlockStats,
     mut backing: F,
 ) -> Result<bool, QueueError>
 where
@@ -168,7 +206,7 @@ where
         let head = chain.head_index();
         let used_len = {
             let guard = backing();
-            process_request(mem, chain, &guard, serial)
+            process_request(mem, chain, &guard, serial, stats)
         };
         queue
             .add_used(mem, head, used_len)
@@ -185,20 +223,24 @@ pub fn process_request<M: GuestMemory>(
     chain: DescriptorChain<&M>,
     backing: &Backing,
     serial: &[u8; ID_LEN],
+    stats: &BlockStats,
 ) -> u32 {
     let descs: Vec<Descriptor> = chain.collect();
     let Some((status_desc, rest)) = descs.split_last() else {
         log::debug!("virtio-blk: {}", RequestError::NoStatus);
+        bump(&stats.errors, 1);
         return 0;
     };
     let Some(status_addr) = status_address(mem, status_desc) else {
         log::debug!("virtio-blk: {}", RequestError::NoStatus);
+        bump(&stats.errors, 1);
         return 0;
     };
-    let (status, written) = match execute(mem, rest, backing, serial) {
+    let (status, written) = match execute(mem, rest, backing, serial, stats) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
             log::debug!("virtio-blk: request failed: {e}");
+            bump(&stats.errors, 1);
             (e.status(), 0)
         }
     };
@@ -224,6 +266,7 @@ fn execute<M: GuestMemory>(
     descs: &[Descriptor],
     backing: &Backing,
     serial: &[u8; ID_LEN],
+    stats: &BlockStats,
 ) -> Result<u32, RequestError> {
     let (header, data) = descs.split_first().ok_or(RequestError::NoHeader)?;
     if header.is_write_only() {
@@ -254,6 +297,8 @@ fn execute<M: GuestMemory>(
                 mem.read_exact_volatile_from(d.addr(), &mut file, d.len() as usize)
                     .map_err(|e| io_or_memory(e, &mut file))?;
             }
+            bump(&stats.reads, 1);
+            bump(&stats.read_bytes, len);
             // `check_data` bounds the total by the disk size and chains by 2^32 bytes.
             u32::try_from(len).map_err(|_| RequestError::DataLength(len))
         }
@@ -261,16 +306,19 @@ fn execute<M: GuestMemory>(
             if backing.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            let (offset, _) = check_data(mem, data, false, sector, backing)?;
+            let (offset, len) = check_data(mem, data, false, sector, backing)?;
             let mut file = FileAt::new(&backing.file, offset);
             for d in data {
                 mem.write_all_volatile_to(d.addr(), &mut file, d.len() as usize)
                     .map_err(|e| io_or_memory(e, &mut file))?;
             }
+            bump(&stats.writes, 1);
+            bump(&stats.write_bytes, len);
             Ok(0)
         }
         RequestType::Flush => {
             backing.file.sync_data().map_err(RequestError::Io)?;
+            bump(&stats.flushes, 1);
             Ok(0)
         }
         RequestType::GetId => {
@@ -486,11 +534,20 @@ mod tests {
 
     /// Run one chain through `process_queue`; returns (status byte, used len).
     fn run(mem: &GuestMemoryMmap, backing: &Backing, descs: &[(u64, u32, u16)]) -> (u8, u32) {
+        run_counted(mem, backing, descs, &BlockStats::default())
+    }
+
+    fn run_counted(
+        mem: &GuestMemoryMmap,
+        backing: &Backing,
+        descs: &[(u64, u32, u16)],
+        stats: &BlockStats,
+    ) -> (u8, u32) {
         let vq = MockSplitQueue::new(mem, 16);
         let mut q: Queue = vq.create_queue().unwrap();
         mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
         add_chain(&vq, 0, descs);
-        let notify = process_queue(mem, &mut q, SERIAL, || backing).unwrap();
+        let notify = process_queue(mem, &mut q, SERIAL, stats, || backing).unwrap();
         assert!(notify);
         assert_eq!(used_idx(&vq), 1, "every chain is returned");
         let (id, len) = used(&vq, 0);
@@ -534,6 +591,38 @@ mod tests {
         assert!(content[1024..1536].iter().all(|&x| x == 0xab));
         assert_eq!(content[1023], (1023 % 251) as u8);
         assert_eq!(content[1536], (1536 % 251) as u8);
+    }
+
+    #[test]
+    fn stats_count_requests_bytes_and_errors() {
+        let mem = memory();
+        let (_p, b) = disk(false);
+        let stats = BlockStats::default();
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let read = [(HDR, 16, R), (BUF, 1024, W), (STATUS, 1, W)];
+        assert_eq!(run_counted(&mem, &b, &read, &stats).0, OK);
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let write = [(HDR, 16, R), (BUF, 512, R), (STATUS, 1, W)];
+        assert_eq!(run_counted(&mem, &b, &write, &stats).0, OK);
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(
+            run_counted(&mem, &b, &[(HDR, 16, R), (STATUS, 1, W)], &stats).0,
+            OK
+        );
+        // Out of range: an error, not a read.
+        header(&mem, VIRTIO_BLK_T_IN, 100);
+        assert_eq!(run_counted(&mem, &b, &read, &stats).0, IOERR);
+        assert_eq!(
+            stats.snapshot(),
+            [
+                ("reads", 1),
+                ("writes", 1),
+                ("flushes", 1),
+                ("read_bytes", 1024),
+                ("write_bytes", 512),
+                ("errors", 1),
+            ]
+        );
     }
 
     #[test]
@@ -786,12 +875,12 @@ mod tests {
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
         add_chain(&vq, 0, &[(HDR, 16, R), (STATUS, 1, W)]);
         add_chain(&vq, 2, &[(HDR, 16, R), (STATUS + 1, 1, W)]);
-        assert!(process_queue(&mem, &mut q, SERIAL, || &b).unwrap());
+        assert!(process_queue(&mem, &mut q, SERIAL, &BlockStats::default(), || &b).unwrap());
         assert_eq!(used_idx(&vq), 2);
         assert_eq!(used(&vq, 0), (0, 1));
         assert_eq!(used(&vq, 1), (2, 1));
         // Nothing new: no interrupt needed.
-        assert!(!process_queue(&mem, &mut q, SERIAL, || &b).unwrap());
+        assert!(!process_queue(&mem, &mut q, SERIAL, &BlockStats::default(), || &b).unwrap());
     }
 
     #[test]
@@ -802,7 +891,7 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         vq.avail().idx().store(100);
         assert!(matches!(
-            process_queue(&mem, &mut q, SERIAL, || &b),
+            process_queue(&mem, &mut q, SERIAL, &BlockStats::default(), || &b),
             Err(QueueError::AvailRing(_))
         ));
     }
@@ -820,7 +909,7 @@ mod tests {
         vq.avail().ring().ref_at(0).unwrap().store(40);
         vq.avail().ring().ref_at(1).unwrap().store(0);
         vq.avail().idx().store(2);
-        assert!(process_queue(&mem, &mut q, SERIAL, || &b).unwrap());
+        assert!(process_queue(&mem, &mut q, SERIAL, &BlockStats::default(), || &b).unwrap());
         assert_eq!(used_idx(&vq), 1);
         assert_eq!(used(&vq, 0), (0, 1));
     }

@@ -6,6 +6,7 @@ pub mod tap;
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
@@ -57,6 +58,40 @@ pub struct Net {
     mac: [u8; 6],
     acked_features: u64,
     worker: Option<Worker>,
+    counters: Arc<NetCounters>,
+}
+
+/// Frame counters of one NIC, published by its worker after each batch, read by the VMM.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Frames from the tap dropped (runt, or no usable guest buffer).
+    pub rx_dropped: AtomicU64,
+    /// Frames sent from the guest to the tap.
+    pub tx_frames: AtomicU64,
+    /// Guest frames dropped (malformed chain, or the tap refused them).
+    pub tx_dropped: AtomicU64,
+}
+
+impl NetCounters {
+    /// The counters as (name, value) pairs, for reporting.
+    pub fn snapshot(&self) -> [(&'static str, u64); 4] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("rx_frames", g(&self.rx_frames)),
+            ("rx_dropped", g(&self.rx_dropped)),
+            ("tx_frames", g(&self.tx_frames)),
+            ("tx_dropped", g(&self.tx_dropped)),
+        ]
+    }
+
+    fn publish(&self, rx: &NetStats, tx: &NetStats) {
+        self.rx_frames.store(rx.frames, Ordering::Relaxed);
+        self.rx_dropped.store(rx.dropped, Ordering::Relaxed);
+        self.tx_frames.store(tx.frames, Ordering::Relaxed);
+        self.tx_dropped.store(tx.dropped, Ordering::Relaxed);
+    }
 }
 
 impl Net {
@@ -72,7 +107,13 @@ impl Net {
             mac,
             acked_features: 0,
             worker: None,
+            counters: Arc::default(),
         }
+    }
+
+    /// The NIC's frame counters (live: shared with the worker).
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
     }
 
     /// The tap interface name.
@@ -151,6 +192,7 @@ impl VirtioDevice for Net {
             rx: RxState::default(),
             tx_frame: Vec::new(),
             tx_stats: NetStats::default(),
+            counters: self.counters.clone(),
         };
         let name = format!("net-{}", self.tap.name());
         self.worker =
@@ -175,6 +217,7 @@ struct NetWorker {
     rx: RxState,
     tx_frame: Vec<u8>,
     tx_stats: NetStats,
+    counters: Arc<NetCounters>,
 }
 
 impl NetWorker {
@@ -239,6 +282,7 @@ impl NetWorker {
             Ok(false) => {}
             Err(e) => log::debug!("virtio-net {}: rx: {e}", self.tap.name()),
         }
+        self.counters.publish(&self.rx.stats, &self.tx_stats);
     }
 
     fn process_tx(&mut self) {
@@ -253,6 +297,7 @@ impl NetWorker {
             Ok(false) => {}
             Err(e) => log::debug!("virtio-net {}: tx: {e}", self.tap.name()),
         }
+        self.counters.publish(&self.rx.stats, &self.tx_stats);
     }
 }
 
@@ -325,6 +370,7 @@ mod tests {
         peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         let net = Net::with_tap(Tap::from_fd(OwnedFd::from(ours), "fake0").unwrap(), MAC);
+        let counters = net.counters();
         let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let mut t = MmioTransport::new(mem.clone(), Box::new(net), irq).unwrap();
         let rxq = MockSplitQueue::new(&mem, QUEUE_SIZE);
@@ -359,6 +405,21 @@ mod tests {
         assert_ne!(
             t.interrupt().status() & crate::virtio::INTERRUPT_STATUS_USED_RING,
             0
+        );
+        // The worker published both frames (publication follows the used-ring update).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while counters.rx_frames.load(Ordering::Relaxed) < 1 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            counters.snapshot(),
+            [
+                ("rx_frames", 1),
+                ("rx_dropped", 0),
+                ("tx_frames", 1),
+                ("tx_dropped", 0)
+            ]
         );
 
         // Reset joins the worker.
