@@ -4,6 +4,7 @@ use ttrpc::Code;
 
 use crate::block::BlockError;
 use crate::net::NetError;
+use crate::runtime::ContainerError;
 
 /// Any failure of an RPC handler.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,8 @@ pub enum AgentError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
     #[error(transparent)]
     SysInfo(#[from] crate::sysinfo::SysInfoError),
     /// The request is malformed.
@@ -44,6 +47,22 @@ impl AgentError {
                 | NetError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
                 NetError::NoSuchInterface(_) => Code::NOT_FOUND,
                 NetError::Sys { source, .. } => io_code(source),
+            },
+            AgentError::Container(e) => match e {
+                ContainerError::InvalidId(_)
+                | ContainerError::InvalidArgument(_)
+                | ContainerError::InvalidSpec(_)
+                | ContainerError::Exec(_) => Code::INVALID_ARGUMENT,
+                ContainerError::NotFound(_) | ContainerError::ExecNotFound { .. } => {
+                    Code::NOT_FOUND
+                }
+                ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+                ContainerError::Unimplemented(_) => Code::UNIMPLEMENTED,
+                ContainerError::InvalidState { .. } | ContainerError::StdinClosed => {
+                    Code::FAILED_PRECONDITION
+                }
+                ContainerError::Timeout => Code::DEADLINE_EXCEEDED,
+                ContainerError::Setup(_) | ContainerError::Sys { .. } => Code::INTERNAL,
             },
             AgentError::SysInfo(_) => Code::INTERNAL,
             AgentError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
@@ -105,6 +124,10 @@ mod tests {
             "{}",
             e.message()
         );
+        let e = AgentError::from(ContainerError::AlreadyExists("c".into()));
+        assert_eq!(e.code(), Code::ALREADY_EXISTS);
+        let e = AgentError::from(ContainerError::NotFound("c".into()));
+        assert_eq!(e.code(), Code::NOT_FOUND);
         let e = AgentError::PermissionDenied("no".into());
         assert_eq!(e.code(), Code::PERMISSION_DENIED);
         match ttrpc::Error::from(e) {

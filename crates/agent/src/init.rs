@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use crate::block::BlockDevices;
 use crate::cmdline::Cmdline;
 use crate::power::{PowerAction, PowerMode};
 use crate::reaper::{self, Reaper};
+use crate::runtime::Containers;
 use crate::server::{self, ListenAddr};
 use crate::service::{AgentService, ServiceConfig};
 use crate::{boottimer, mounts, net};
@@ -42,16 +44,7 @@ pub fn run_as_init() -> ! {
         log::set_max_level(log::LevelFilter::Debug);
     }
 
-    // The reaper must run for as long as PID 1 does; keep retrying if the thread cannot start.
-    let _reaper = loop {
-        match Reaper::start() {
-            Ok(r) => break r,
-            Err(e) => {
-                log::error!("{}", error_chain(&e));
-                thread::sleep(RETRY_DELAY);
-            }
-        }
-    };
+    let reaper = start_reaper();
 
     if let Err(e) = net::iface::set_up("lo", true) {
         log::error!("bringing up lo failed: {}", error_chain(&e));
@@ -63,7 +56,8 @@ pub fn run_as_init() -> ! {
         power: PowerMode::Guest,
     };
     let addr = ListenAddr::Vsock(cmdline.port);
-    let _server = serve_until_bound(&addr, &config);
+    let containers = Containers::new(reaper);
+    let _server = serve_until_bound(&addr, &config, &containers);
     crate::poweroff::start(protocol::POWEROFF_PORT);
 
     if let Err(e) = boottimer::signal_ready() {
@@ -80,17 +74,43 @@ pub fn run_as_init() -> ! {
 }
 
 /// Host mode: serve on `addr` until killed (or Reboot / DebugPanic exit the process).
+///
+/// Containers run as children of this process, so it reaps like PID 1 does: call from `main`
+/// before any other thread exists (SIGCHLD must be blocked in every thread).
 pub fn run_host(addr: &ListenAddr, config: ServiceConfig) -> ! {
-    let _server = serve_until_bound(addr, &config);
+    if let Err(e) = reaper::block_sigchld() {
+        log::error!("{}", error_chain(&e));
+    }
+    let reaper = start_reaper();
+    let containers = Containers::new(reaper);
+    let _server = serve_until_bound(addr, &config, &containers);
     announce_ready(0, 0);
     loop {
         thread::park();
     }
 }
 
-fn serve_until_bound(addr: &ListenAddr, config: &ServiceConfig) -> ttrpc::Server {
+/// The reaper must run for as long as the agent does; keep retrying if the thread cannot start.
+fn start_reaper() -> Arc<Reaper> {
     loop {
-        match server::serve(addr, AgentService::new(config.clone())) {
+        match Reaper::start() {
+            Ok(r) => return r,
+            Err(e) => {
+                log::error!("{}", error_chain(&e));
+                thread::sleep(RETRY_DELAY);
+            }
+        }
+    }
+}
+
+fn serve_until_bound(
+    addr: &ListenAddr,
+    config: &ServiceConfig,
+    containers: &Arc<Containers>,
+) -> ttrpc::Server {
+    loop {
+        let service = AgentService::new(config.clone()).with_containers(containers.clone());
+        match server::serve(addr, service) {
             Ok(server) => {
                 log::info!("serving on {addr:?}");
                 return server;

@@ -14,6 +14,7 @@ use crate::block::{selector_from_proto, BlockDevices};
 use crate::error::AgentError;
 use crate::net::{self, iface, route};
 use crate::power::{self, PowerAction, PowerMode};
+use crate::runtime::{ContainerError, Containers};
 
 /// What the service may do, decided at start-up.
 #[derive(Debug, Clone)]
@@ -30,11 +31,22 @@ pub struct ServiceConfig {
 #[derive(Debug, Clone)]
 pub struct AgentService {
     config: ServiceConfig,
+    /// The container runtime; `None` answers container RPCs with UNIMPLEMENTED.
+    containers: Option<Arc<Containers>>,
 }
 
 impl AgentService {
     pub fn new(config: ServiceConfig) -> Self {
-        AgentService { config }
+        AgentService {
+            config,
+            containers: None,
+        }
+    }
+
+    /// Serves container RPCs with `containers`.
+    pub fn with_containers(mut self, containers: Arc<Containers>) -> Self {
+        self.containers = Some(containers);
+        self
     }
 
     /// The ttrpc method table for [`ttrpc::Server::register_service`].
@@ -238,7 +250,82 @@ impl Agent for AgentService {
         resp.uptime_ms = info.uptime_ms;
         Ok(resp)
     }
+
+    fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CreateContainerRequest,
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
+        Ok(containers::create(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StartContainerRequest,
+    ) -> ttrpc::Result<pb::StartContainerResponse> {
+        Ok(containers::start(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn wait_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: pb::WaitProcessRequest,
+    ) -> ttrpc::Result<pb::WaitProcessResponse> {
+        Ok(containers::wait(self.containers()?, ctx.timeout_nano, &req)
+            .map_err(AgentError::from)?)
+    }
+
+    fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::SignalProcessRequest,
+    ) -> ttrpc::Result<pb::SignalProcessResponse> {
+        Ok(containers::signal(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RemoveContainerRequest,
+    ) -> ttrpc::Result<pb::RemoveContainerResponse> {
+        Ok(containers::remove(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn read_stream(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ReadStreamRequest,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
+        Ok(containers::read_stream(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::WriteStdinRequest,
+    ) -> ttrpc::Result<pb::WriteStdinResponse> {
+        Ok(containers::write_stdin(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CloseStdinRequest,
+    ) -> ttrpc::Result<pb::CloseStdinResponse> {
+        Ok(containers::close_stdin(self.containers()?, &req).map_err(AgentError::from)?)
+    }
 }
+
+impl AgentService {
+    fn containers(&self) -> Result<&Containers, AgentError> {
+        self.containers.as_deref().ok_or_else(|| {
+            ContainerError::Unimplemented("this agent runs without a container runtime").into()
+        })
+    }
+}
+
+mod containers;
 
 #[cfg(test)]
 mod tests;

@@ -223,6 +223,16 @@ pub enum BlockTarget {
     Path(String),
 }
 
+impl agent::Rootfs {
+    /// A rootfs directory in the agent's filesystem.
+    pub fn from_host_dir(path: impl Into<String>, read_only: bool) -> agent::Rootfs {
+        let mut rootfs = agent::Rootfs::new();
+        rootfs.set_host_path(path.into());
+        rootfs.read_only = read_only;
+        rootfs
+    }
+}
+
 impl From<BlockTarget> for agent::BlockDevice {
     fn from(target: BlockTarget) -> Self {
         let mut dev = agent::BlockDevice::new();
@@ -361,6 +371,137 @@ impl AgentClient {
         Ok(self
             .inner
             .guest_info(self.ctx(), &agent::GuestInfoRequest::new())?)
+    }
+
+    /// Creates a container from an OCI spec (JSON) and a rootfs directory in the agent's
+    /// filesystem. Returns the init process's pid.
+    pub fn create_container(
+        &self,
+        container_id: &str,
+        oci_spec_json: Vec<u8>,
+        rootfs: agent::Rootfs,
+    ) -> Result<u32, RpcError> {
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        req.oci_spec_json = oci_spec_json;
+        req.rootfs = Some(rootfs).into();
+        Ok(self.inner.create_container(self.ctx(), &req)?.pid)
+    }
+
+    /// Starts a created container; returns its init pid.
+    pub fn start_container(&self, container_id: &str) -> Result<u32, RpcError> {
+        let mut req = agent::StartContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        Ok(self.inner.start_container(self.ctx(), &req)?.pid)
+    }
+
+    /// Waits for a process to exit, up to this client's timeout (DEADLINE_EXCEEDED after).
+    pub fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<agent::WaitProcessResponse, RpcError> {
+        let mut req = agent::WaitProcessRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        Ok(self.inner.wait_process(self.ctx(), &req)?)
+    }
+
+    /// Sends `signal` to a process.
+    pub fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+    ) -> Result<(), RpcError> {
+        let mut req = agent::SignalProcessRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        req.signal = signal;
+        self.inner.signal_process(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// Kills (if running), reaps and forgets a container.
+    pub fn remove_container(&self, container_id: &str) -> Result<(), RpcError> {
+        let mut req = agent::RemoveContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner.remove_container(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// Takes up to `max_bytes` of buffered output, waiting up to `wait` for some to arrive.
+    pub fn read_stream(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: agent::Stream,
+        max_bytes: u32,
+        wait: Duration,
+    ) -> Result<agent::ReadStreamResponse, RpcError> {
+        let mut req = agent::ReadStreamRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        req.stream = stream.into();
+        req.max_bytes = max_bytes;
+        req.wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+        let ctx = ttrpc::context::with_duration(self.timeout + wait);
+        Ok(self.inner.read_stream(ctx, &req)?)
+    }
+
+    /// Reads a stream until EOF (or until `timeout` passes: the bytes so far are returned with
+    /// `eof == false`). Returns the data, whether EOF was reached, and the dropped-bytes count.
+    pub fn read_stream_to_end(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: agent::Stream,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, bool, u64), RpcError> {
+        let deadline = Instant::now() + timeout;
+        let mut data = Vec::new();
+        loop {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            let resp = self.read_stream(container_id, exec_id, stream, 0, wait)?;
+            data.extend_from_slice(&resp.data);
+            if resp.eof || Instant::now() >= deadline {
+                return Ok((data, resp.eof, resp.dropped_bytes));
+            }
+        }
+    }
+
+    /// Writes all of `data` to a process's stdin, retrying short writes.
+    pub fn write_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> Result<(), RpcError> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(crate::MAX_WRITE_STDIN_LEN)];
+            let mut req = agent::WriteStdinRequest::new();
+            req.container_id = container_id.to_owned();
+            req.exec_id = exec_id.to_owned();
+            req.data = chunk.to_vec();
+            let written = self.inner.write_stdin(self.ctx(), &req)?.written as usize;
+            if written == 0 {
+                thread::sleep(Duration::from_millis(5));
+            }
+            rest = &rest[written.min(rest.len())..];
+        }
+        Ok(())
+    }
+
+    /// Closes a process's stdin.
+    pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), RpcError> {
+        let mut req = agent::CloseStdinRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        self.inner.close_stdin(self.ctx(), &req)?;
+        Ok(())
     }
 }
 

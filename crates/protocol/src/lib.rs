@@ -25,7 +25,19 @@ pub use client::{AgentClient, ConnectError, RpcError};
 
 /// Version of the `hyperstart.v1` protocol this build speaks. Bumped on every compatible addition
 /// (new RPC or field); an incompatible change gets a new protobuf package instead.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Output kept per stream of a container process (stdout, stderr) until read: 1 MiB.
+pub const MAX_STREAM_BUFFER: usize = 1 << 20;
+
+/// Largest `ReadStreamResponse.data` (256 KiB).
+pub const MAX_READ_STREAM_LEN: u32 = 256 << 10;
+
+/// Longest `ReadStreamRequest.wait_ms` honoured.
+pub const MAX_READ_STREAM_WAIT_MS: u32 = 10_000;
+
+/// Largest `WriteStdinRequest.data` accepted (1 MiB).
+pub const MAX_WRITE_STDIN_LEN: usize = 1 << 20;
 
 /// vsock port the agent listens on unless the kernel command line sets `hyperstart.port=<n>`.
 pub const DEFAULT_AGENT_PORT: u32 = 1024;
@@ -82,6 +94,45 @@ mod tests {
         resp.path = "/dev/vdb".to_owned();
         let back = ReadBlockResponse::parse_from_bytes(&resp.write_to_bytes().unwrap()).unwrap();
         assert_eq!(back, resp);
+    }
+
+    #[test]
+    fn container_messages_round_trip() {
+        use super::agent::{
+            rootfs, CreateContainerRequest, ReadStreamRequest, Rootfs, Stream, WaitProcessResponse,
+        };
+
+        let mut req = CreateContainerRequest::new();
+        req.container_id = "c1".to_owned();
+        req.oci_spec_json = br#"{"ociVersion":"1.0.2"}"#.to_vec();
+        req.rootfs = Some(Rootfs::from_host_dir("/rootfs", true)).into();
+        let back =
+            CreateContainerRequest::parse_from_bytes(&req.write_to_bytes().unwrap()).unwrap();
+        assert_eq!(back, req);
+        assert_eq!(
+            back.rootfs.source,
+            Some(rootfs::Source::HostPath("/rootfs".to_owned()))
+        );
+        assert!(back.rootfs.read_only);
+
+        // The rootfs can name a disk by serial instead.
+        let mut disk = Rootfs::new();
+        let mut dev = BlockDevice::new();
+        dev.set_serial("rootfs-0".to_owned());
+        disk.set_block(dev);
+        let back = Rootfs::parse_from_bytes(&disk.write_to_bytes().unwrap()).unwrap();
+        assert_eq!(back.block().serial(), "rootfs-0");
+
+        let mut read = ReadStreamRequest::new();
+        read.stream = Stream::STREAM_STDERR.into();
+        let back = ReadStreamRequest::parse_from_bytes(&read.write_to_bytes().unwrap()).unwrap();
+        assert_eq!(back.stream.enum_value(), Ok(Stream::STREAM_STDERR));
+
+        let mut wait = WaitProcessResponse::new();
+        wait.signal = 9;
+        wait.finished_at_unix_nanos = i64::MAX;
+        let back = WaitProcessResponse::parse_from_bytes(&wait.write_to_bytes().unwrap()).unwrap();
+        assert_eq!(back, wait);
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! Container output: a bounded buffer per stream, filled by a reader thread from the pipe.
+//!
+//! Output stays in the agent until a host reader takes it, so a restarting host loses nothing
+//! short of overflow. When a buffer is full the oldest bytes are dropped and counted.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What [`StreamBuffer::take`] returns.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Chunk {
+    pub data: Vec<u8>,
+    /// The writer is gone and the buffer is drained.
+    pub eof: bool,
+    /// Bytes dropped so far because the buffer was full.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    buf: VecDeque<u8>,
+    dropped: u64,
+    closed: bool,
+}
+
+/// A bounded byte buffer between a pipe reader and RPC readers.
+#[derive(Debug)]
+pub struct StreamBuffer {
+    capacity: usize,
+    ring: Mutex<Ring>,
+    readable: Condvar,
+}
+
+impl StreamBuffer {
+    pub fn new(capacity: usize) -> Arc<StreamBuffer> {
+        Arc::new(StreamBuffer {
+            capacity,
+            ring: Mutex::new(Ring::default()),
+            readable: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends output, dropping the oldest bytes beyond the capacity.
+    pub fn push(&self, data: &[u8]) {
+        let mut ring = self.lock();
+        ring.buf.extend(data);
+        let excess = ring.buf.len().saturating_sub(self.capacity);
+        if excess > 0 {
+            ring.buf.drain(..excess);
+            ring.dropped += excess as u64;
+        }
+        drop(ring);
+        self.readable.notify_all();
+    }
+
+    /// Marks the writer side closed.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.readable.notify_all();
+    }
+
+    /// Takes up to `max` bytes, waiting up to `wait` while the buffer is empty and open.
+    pub fn take(&self, max: usize, wait: Duration) -> Chunk {
+        let deadline = Instant::now() + wait;
+        let mut ring = self.lock();
+        while ring.buf.is_empty() && !ring.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            ring = self
+                .readable
+                .wait_timeout(ring, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let n = ring.buf.len().min(max);
+        let data: Vec<u8> = ring.buf.drain(..n).collect();
+        Chunk {
+            eof: ring.closed && ring.buf.is_empty(),
+            dropped: ring.dropped,
+            data,
+        }
+    }
+}
+
+/// Starts a thread copying `pipe` into `buffer` until EOF.
+pub fn spawn_reader(
+    name: String,
+    pipe: OwnedFd,
+    buffer: Arc<StreamBuffer>,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new().name(name).spawn(move || {
+        let mut file = File::from(pipe);
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            match file.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buffer.push(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("reading container output failed: {e}");
+                    break;
+                }
+            }
+        }
+        buffer.close();
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_with_dropped_count() {
+        let b = StreamBuffer::new(4);
+        b.push(b"abc");
+        b.push(b"def");
+        let c = b.take(10, Duration::ZERO);
+        assert_eq!(c.data, b"cdef");
+        assert_eq!(c.dropped, 2);
+        assert!(!c.eof);
+        b.push(b"gh");
+        b.close();
+        let c = b.take(1, Duration::ZERO);
+        assert_eq!((c.data.as_slice(), c.eof), (&b"g"[..], false));
+        let c = b.take(1, Duration::from_secs(5));
+        assert_eq!((c.data.as_slice(), c.eof), (&b"h"[..], true));
+    }
+
+    #[test]
+    fn take_waits_for_data() {
+        let b = StreamBuffer::new(16);
+        let w = b.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            w.push(b"x");
+        });
+        let c = b.take(16, Duration::from_secs(5));
+        assert_eq!(c.data, b"x");
+        t.join().unwrap();
+    }
+}
