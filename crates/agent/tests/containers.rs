@@ -1,13 +1,13 @@
 //! Containers in host mode: the `hyperstart` binary on a Unix socket, driven through the real
 //! host client, running a busybox rootfs built from Debian's busybox-static. Needs root.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use protocol::agent::{Rootfs, Stream};
-use protocol::client::connect_unix;
 use protocol::AgentClient;
 use ttrpc::Code;
 
@@ -36,20 +36,7 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         make_rootfs(&dir.join("rootfs"));
-        let sock = dir.join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hyperstart"))
-            .arg("--listen")
-            .arg(format!("unix://{}", sock.display()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("hyperstart: ready "), "{line:?}");
-        let client =
-            AgentClient::new(connect_unix(&sock).unwrap()).with_timeout(Duration::from_secs(10));
+        let (child, client) = common::spawn_agent(&dir.join("agent.sock"), [] as [&str; 0]);
         Agent { dir, child, client }
     }
 

@@ -1,11 +1,12 @@
 //! The `hyperstart` binary in host mode, driven through the real host client.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use protocol::client::{connect_unix, BlockTarget};
+use protocol::client::BlockTarget;
 use protocol::AgentClient;
 
 struct Dir(PathBuf);
@@ -17,26 +18,14 @@ impl Drop for Dir {
 }
 
 fn start(dir: &Dir, extra: &[&str]) -> (Child, AgentClient) {
-    let sock = dir.0.join("agent.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hyperstart"))
-        .arg("--listen")
-        .arg(format!("unix://{}", sock.display()))
-        .arg("--dev-dir")
-        .arg(dir.0.join("dev"))
-        .arg("--sys-block-dir")
-        .arg(dir.0.join("sys/block"))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("hyperstart: ready "), "{line:?}");
-    let client =
-        AgentClient::new(connect_unix(&sock).unwrap()).with_timeout(Duration::from_secs(10));
-    (child, client)
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--dev-dir".into(),
+        dir.0.join("dev").into(),
+        "--sys-block-dir".into(),
+        dir.0.join("sys/block").into(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    common::spawn_agent(&dir.0.join("agent.sock"), args)
 }
 
 fn setup(tag: &str) -> Dir {
