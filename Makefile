@@ -5,7 +5,7 @@ CARGO ?= cargo
 BUILD ?= $(CURDIR)/build
 export HYPERNETES_BUILD := $(BUILD)
 
-.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench clean
+.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench container-bench clean
 
 all: build
 
@@ -48,6 +48,10 @@ boot-bench: setup guest
 # Image pull + unpack + rootfs disk against skopeo + umoci, on a local registry.
 image-bench:
 	hack/image-bench.sh
+
+# Container start latency in a pod VM (hyperstart) against `runc run` on the host, same run.
+container-bench: setup guest
+	hack/container-bench.sh
 
 clean:
 	$(CARGO) clean

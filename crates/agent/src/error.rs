@@ -58,9 +58,9 @@ impl AgentError {
                 }
                 ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
                 ContainerError::Unimplemented(_) => Code::UNIMPLEMENTED,
-                ContainerError::InvalidState { .. } | ContainerError::StdinClosed => {
-                    Code::FAILED_PRECONDITION
-                }
+                ContainerError::InvalidState { .. }
+                | ContainerError::StdinClosed
+                | ContainerError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
                 ContainerError::Timeout => Code::DEADLINE_EXCEEDED,
                 ContainerError::Setup(_) | ContainerError::Sys { .. } => Code::INTERNAL,
             },

@@ -13,7 +13,11 @@ use crate::block::BlockDevices;
 use crate::cmdline::Cmdline;
 use crate::power::{PowerAction, PowerMode};
 use crate::reaper::{self, Reaper};
+use crate::runtime::container::RuntimeConfig;
 use crate::runtime::Containers;
+
+/// The cgroup every container's cgroup goes under, in the guest.
+pub const GUEST_CGROUP_ROOT: &str = "/sys/fs/cgroup/pods";
 use crate::server::{self, ListenAddr};
 use crate::service::{AgentService, ServiceConfig};
 use crate::{boottimer, mounts, net};
@@ -27,6 +31,9 @@ pub fn run_as_init() -> ! {
     // Before any thread: every thread must inherit the blocked SIGCHLD (see crate::reaper).
     if let Err(e) = reaper::block_sigchld() {
         log::error!("{e}");
+    }
+    if let Err(e) = mounts::leave_initramfs() {
+        log::error!("{}; containers cannot pivot_root", error_chain(&e));
     }
     for e in mounts::mount_all() {
         log::error!("{}", error_chain(&e));
@@ -56,7 +63,26 @@ pub fn run_as_init() -> ! {
         power: PowerMode::Guest,
     };
     let addr = ListenAddr::Vsock(cmdline.port);
-    let containers = Containers::new(reaper);
+    let runtime = RuntimeConfig {
+        state_dir: "/run/hyperstart".into(),
+        cgroup_root: Some(GUEST_CGROUP_ROOT.into()),
+        guest: true,
+        block: BlockDevices::guest(),
+    };
+    let containers = match Containers::with_config(reaper.clone(), runtime.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{}; containers run without cgroup limits", error_chain(&e));
+            let runtime = RuntimeConfig {
+                cgroup_root: None,
+                ..runtime
+            };
+            match Containers::with_config(reaper.clone(), runtime) {
+                Ok(c) => c,
+                Err(_) => Containers::new(reaper),
+            }
+        }
+    };
     let _server = serve_until_bound(&addr, &config, &containers);
     crate::poweroff::start(protocol::POWEROFF_PORT);
 
@@ -77,12 +103,18 @@ pub fn run_as_init() -> ! {
 ///
 /// Containers run as children of this process, so it reaps like PID 1 does: call from `main`
 /// before any other thread exists (SIGCHLD must be blocked in every thread).
-pub fn run_host(addr: &ListenAddr, config: ServiceConfig) -> ! {
+pub fn run_host(addr: &ListenAddr, config: ServiceConfig, runtime: RuntimeConfig) -> ! {
     if let Err(e) = reaper::block_sigchld() {
         log::error!("{}", error_chain(&e));
     }
     let reaper = start_reaper();
-    let containers = Containers::new(reaper);
+    let containers = match Containers::with_config(reaper, runtime) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hyperstart: {}", error_chain(&e));
+            std::process::exit(1);
+        }
+    };
     let _server = serve_until_bound(addr, &config, &containers);
     announce_ready(0, 0);
     loop {

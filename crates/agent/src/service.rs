@@ -315,6 +315,111 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<pb::CloseStdinResponse> {
         Ok(containers::close_stdin(self.containers()?, &req).map_err(AgentError::from)?)
     }
+    fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CreateSandboxRequest,
+    ) -> ttrpc::Result<pb::CreateSandboxResponse> {
+        Ok(containers::create_sandbox(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::DestroySandboxRequest,
+    ) -> ttrpc::Result<pb::DestroySandboxResponse> {
+        Ok(containers::destroy_sandbox(self.containers()?).map_err(AgentError::from)?)
+    }
+
+    fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ExecProcessRequest,
+    ) -> ttrpc::Result<pb::ExecProcessResponse> {
+        Ok(containers::exec(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ResizeTtyRequest,
+    ) -> ttrpc::Result<pb::ResizeTtyResponse> {
+        Ok(containers::resize_tty(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StatsContainerRequest,
+    ) -> ttrpc::Result<pb::StatsContainerResponse> {
+        Ok(containers::stats(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> ttrpc::Result<pb::UpdateContainerResponse> {
+        Ok(containers::update(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::PauseContainerRequest,
+    ) -> ttrpc::Result<pb::PauseContainerResponse> {
+        containers::set_paused(self.containers()?, &req.container_id, true)
+            .map_err(AgentError::from)?;
+        Ok(pb::PauseContainerResponse::new())
+    }
+
+    fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ResumeContainerRequest,
+    ) -> ttrpc::Result<pb::ResumeContainerResponse> {
+        containers::set_paused(self.containers()?, &req.container_id, false)
+            .map_err(AgentError::from)?;
+        Ok(pb::ResumeContainerResponse::new())
+    }
+
+    fn copy_file(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CopyFileRequest,
+    ) -> ttrpc::Result<pb::CopyFileResponse> {
+        Ok(containers::copy_file(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ListProcessesRequest,
+    ) -> ttrpc::Result<pb::ListProcessesResponse> {
+        Ok(containers::list_processes(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn get_events(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::GetEventsRequest,
+    ) -> ttrpc::Result<pb::GetEventsResponse> {
+        Ok(containers::get_events(self.containers()?, &req).map_err(AgentError::from)?)
+    }
+
+    fn health(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::HealthRequest,
+    ) -> ttrpc::Result<pb::HealthResponse> {
+        let mut resp = pb::HealthResponse::new();
+        resp.status = "SERVING".to_owned();
+        if let Some(c) = &self.containers {
+            resp.containers = u32::try_from(c.len()).unwrap_or(u32::MAX);
+            resp.sandbox = c.has_sandbox();
+        }
+        Ok(resp)
+    }
 }
 
 impl AgentService {

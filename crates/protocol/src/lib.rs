@@ -25,7 +25,22 @@ pub use client::{AgentClient, ConnectError, RpcError};
 
 /// Version of the `hyperstart.v1` protocol this build speaks. Bumped on every compatible addition
 /// (new RPC or field); an incompatible change gets a new protobuf package instead.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// Largest file `CopyFile` writes (16 MiB): config maps and secrets are at most 1 MiB.
+pub const MAX_COPY_FILE_SIZE: u64 = 16 << 20;
+
+/// Largest `CopyFileRequest.data` per call (1 MiB).
+pub const MAX_COPY_FILE_CHUNK: usize = 1 << 20;
+
+/// Most events one `GetEvents` call returns.
+pub const MAX_EVENTS_PER_CALL: u32 = 256;
+
+/// Longest `GetEventsRequest.wait_ms` honoured.
+pub const MAX_EVENTS_WAIT_MS: u32 = 10_000;
+
+/// Events the agent keeps for `GetEvents`; older ones are counted as dropped.
+pub const EVENT_LOG_CAPACITY: usize = 4096;
 
 /// Output kept per stream of a container process (stdout, stderr) until read: 1 MiB.
 pub const MAX_STREAM_BUFFER: usize = 1 << 20;

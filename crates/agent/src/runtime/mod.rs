@@ -13,9 +13,16 @@
 //! last process dying) leaves nothing mounted in the agent's namespace. Children are spawned
 //! through [`crate::reaper::Reaper::spawn_owned`]: the reaper thread is the only `waitpid` caller.
 
+pub mod cgroup;
 pub mod container;
+pub mod disks;
+pub mod events;
+pub mod files;
 pub mod process;
 pub mod rootfs;
+pub mod sandbox;
+pub mod seccomp;
+pub mod security;
 pub mod spec;
 pub mod stdio;
 
@@ -45,6 +52,9 @@ pub enum ContainerError {
     /// A container with this id exists.
     #[error("container {0:?} already exists")]
     AlreadyExists(String),
+    /// The system is not in a state that allows the request (e.g. no cgroups for limits).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     /// The request asks for something this agent does not do yet.
     #[error("not implemented: {0}")]
     Unimplemented(&'static str),
@@ -92,6 +102,10 @@ pub fn validate_id(id: &str) -> Result<(), ContainerError> {
 }
 
 /// Unix time now, in nanoseconds.
+pub fn now_unix_nanos() -> i64 {
+    unix_nanos()
+}
+
 fn unix_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,12 +1,12 @@
 //! The container's mount namespace, set up by the cloned child before `execve`.
 //!
 //! Runs between `clone` and `execve` in a copy of a multi-threaded process: only raw system
-//! calls on strings prepared in [`ChildPlan`], no allocation, no locks.
+//! calls on strings prepared in [`RootfsPlan`], no allocation, no locks.
 
 use std::ffi::CStr;
 use std::ptr;
 
-use super::spec::ChildPlan;
+use super::spec::{MountPlan, RootfsPlan};
 
 /// A failed step in the child: which one and its errno.
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +93,7 @@ const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | li
 
 /// Builds the container's filesystem view and pivots into it. Called in the new mount
 /// namespace; afterwards `/` is the container's root and the old root is detached.
-pub fn setup(plan: &ChildPlan) -> StepResult {
+pub fn setup(plan: &RootfsPlan) -> StepResult {
     // Nothing done below may propagate back to the agent's namespace.
     mount(
         "make / rprivate",
@@ -197,10 +197,17 @@ pub fn setup(plan: &ChildPlan) -> StepResult {
         Some(c"mode=1777,size=65536k"),
     )?;
 
-    if let Some(hostname) = &plan.hostname {
-        // SAFETY: the pointer and length describe `hostname`'s bytes.
-        let ret = unsafe { libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) };
-        check("sethostname", ret)?;
+    mkdir("mkdir /dev/mqueue", &plan.mqueue_dir, 0o1777)?;
+    mount(
+        "mount /dev/mqueue",
+        Some(c"mqueue"),
+        &plan.mqueue_dir,
+        Some(c"mqueue"),
+        NOSUID_NODEV_NOEXEC,
+        None,
+    )?;
+    for m in &plan.mounts {
+        spec_mount(m)?;
     }
 
     // SAFETY: `rootfs` is NUL-terminated.
@@ -216,6 +223,11 @@ pub fn setup(plan: &ChildPlan) -> StepResult {
     // SAFETY: "/" is NUL-terminated.
     check("chdir /", unsafe { libc::chdir(c"/".as_ptr()) })?;
 
+    Ok(())
+}
+
+/// After pivot_root (and the security plan's path masking): the read-only root.
+pub fn finish(plan: &RootfsPlan) -> StepResult {
     if plan.read_only {
         mount(
             "remount / read-only",
@@ -227,4 +239,42 @@ pub fn setup(plan: &ChildPlan) -> StepResult {
         )?;
     }
     Ok(())
+}
+
+fn spec_mount(m: &MountPlan) -> StepResult {
+    for dir in &m.mkdirs {
+        mkdir("mkdir mount point", dir, 0o755)?;
+    }
+    if m.touch {
+        touch("create mount point file", &m.target)?;
+    }
+    mount(
+        "spec mount",
+        m.source.as_deref(),
+        &m.target,
+        m.fstype.as_deref(),
+        m.flags,
+        m.data.as_deref(),
+    )?;
+    if let Some(flags) = m.remount {
+        mount("spec mount remount", None, &m.target, None, flags, None)?;
+    }
+    if m.propagation != 0 {
+        mount(
+            "spec mount propagation",
+            None,
+            &m.target,
+            None,
+            m.propagation,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Sets the hostname (in a new uts namespace).
+pub fn set_hostname(hostname: &std::ffi::CStr) -> StepResult {
+    // SAFETY: the pointer and length describe `hostname`'s bytes.
+    let ret = unsafe { libc::sethostname(hostname.as_ptr(), hostname.to_bytes().len()) };
+    check("sethostname", ret)
 }

@@ -107,6 +107,17 @@ pub fn spawn_reader(
                 Ok(0) => break,
                 Ok(n) => buffer.push(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A terminal master shares its file description with the non-blocking stdin
+                // writer: wait for input instead.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut fds = [nix::poll::PollFd::new(
+                        std::os::fd::AsFd::as_fd(&file),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+                }
+                // The terminal's slave side is closed: the process and its children are gone.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
                 Err(e) => {
                     log::warn!("reading container output failed: {e}");
                     break;
