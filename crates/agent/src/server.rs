@@ -79,7 +79,14 @@ pub fn serve(addr: &ListenAddr, service: AgentService) -> Result<ttrpc::Server, 
         addr: text.clone(),
         source,
     };
+    // Per connection, ttrpc keeps between `min` and `max` idle handler threads and starts more
+    // when fewer than `min` are idle. Long polls (ReadStream, GetEvents, WaitProcess) hold a
+    // thread each, so keep a few idle ones ready: a burst of long polls must not delay a quick
+    // call behind the thread start-up.
     let mut server = ttrpc::Server::new()
+        .set_thread_count_min(4)
+        .set_thread_count_default(8)
+        .set_thread_count_max(16)
         .bind(&text)
         .map_err(ttrpc_err)?
         .register_service(service.into_methods());

@@ -266,6 +266,17 @@ fn spec_mounts_files_and_sysctls() {
         code(a.raw().copy_file(ctx(), &req).unwrap_err()),
         Code::INVALID_ARGUMENT
     );
+    // A sysctl value the kernel refuses is the client's error.
+    let bad = r#""linux":{"sysctl":{"kernel.msgmax":"not-a-number"}}"#;
+    let e = a
+        .client
+        .create_container(
+            "badsysctl",
+            spec_full(&process(&["true"], ""), bad).into_bytes(),
+            a.rootfs(false),
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::INVALID_ARGUMENT), "{e}");
     // Unsupported mount types and relative destinations are invalid.
     let bad = r#""mounts":[{"destination":"/x","type":"nfs","source":"srv:/x"}]"#;
     let e = a
@@ -336,6 +347,20 @@ fn sandbox_shares_namespaces() {
     );
     let mut bad = pb::CreateSandboxRequest::new();
     bad.sysctls.insert("net.ipv4.ip_forward".into(), "1".into());
+    assert_eq!(
+        code(a.raw().create_sandbox(ctx(), &bad).unwrap_err()),
+        Code::INVALID_ARGUMENT
+    );
+    // So are values the kernel refuses, and hostnames no resolver would take.
+    let mut bad = pb::CreateSandboxRequest::new();
+    bad.sysctls
+        .insert("kernel.msgmax".into(), "not-a-number".into());
+    assert_eq!(
+        code(a.raw().create_sandbox(ctx(), &bad).unwrap_err()),
+        Code::INVALID_ARGUMENT
+    );
+    let mut bad = pb::CreateSandboxRequest::new();
+    bad.hostname = "a\nb".into();
     assert_eq!(
         code(a.raw().create_sandbox(ctx(), &bad).unwrap_err()),
         Code::INVALID_ARGUMENT
@@ -456,4 +481,32 @@ fn fifty_containers_leave_nothing_behind() {
     );
     let overlay = mounts_under(std::path::Path::new("/run/hyperstart"));
     assert!(overlay.is_empty(), "{overlay:?}");
+}
+
+#[test]
+fn pod_holder_dies_with_the_agent() {
+    let mut a = Agent::start("holder", &[]);
+    let sb = a
+        .raw()
+        .create_sandbox(ctx(), &pb::CreateSandboxRequest::new())
+        .unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{}", sb.pid)).exists());
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    // The holder is re-parented and sees its life pipe close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{}/comm", sb.pid)).exists() {
+        let zombie = std::fs::read_to_string(format!("/proc/{}/stat", sb.pid))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if zombie {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holder {} still runs",
+            sb.pid
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

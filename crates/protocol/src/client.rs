@@ -5,8 +5,12 @@
 //! stream is the guest connection. [`connect_vsock_uds`] performs that handshake, retrying until a
 //! deadline because the agent may not listen yet, and hands the socket to ttrpc.
 //! [`connect_unix`] reaches an agent started in host mode (`hyperstart --listen unix://...`).
+//!
+//! [`AgentClient`] wraps one connection; [`ReconnectingClient`] re-dials a lost connection and
+//! retries the idempotent calls.
 
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::unix::io::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,10 @@ use std::time::{Duration, Instant};
 
 use crate::agent;
 use crate::agent_ttrpc;
+
+mod reconnect;
+
+pub use reconnect::{Connector, ReconnectingClient};
 
 /// Longest handshake reply accepted, newline included.
 const MAX_REPLY_LEN: usize = 64;
@@ -190,6 +198,9 @@ pub enum RpcError {
     /// The call did not complete: connection lost, timeout, encoding error.
     #[error("agent call failed")]
     Transport(#[source] ttrpc::Error),
+    /// No connection to the agent could be made ([`ReconnectingClient`] dialing).
+    #[error("connecting to the agent failed")]
+    Connect(#[source] ConnectError),
 }
 
 impl RpcError {
@@ -197,7 +208,29 @@ impl RpcError {
     pub fn code(&self) -> Option<ttrpc::Code> {
         match self {
             RpcError::Status { code, .. } => Some(*code),
-            RpcError::Transport(_) => None,
+            RpcError::Transport(_) | RpcError::Connect(_) => None,
+        }
+    }
+
+    /// Whether the connection the call used is gone: the socket failed or the peer closed it.
+    /// The request may or may not have reached the agent. A timeout is not a lost connection.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            RpcError::Transport(e) => match e {
+                ttrpc::Error::Socket(_)
+                | ttrpc::Error::Nix(_)
+                | ttrpc::Error::LocalClosed
+                | ttrpc::Error::RemoteClosed
+                | ttrpc::Error::Eof => true,
+                // The sync client's sender or receiver thread is gone, which only happens once
+                // its socket failed; ttrpc reports both as `Others` with these prefixes.
+                ttrpc::Error::Others(msg) => {
+                    msg.starts_with("Send packet to sender error")
+                        || msg.starts_with("Receive packet from Receiver error")
+                }
+                ttrpc::Error::RpcStatus(_) => false,
+            },
+            RpcError::Status { .. } | RpcError::Connect(_) => false,
         }
     }
 }
@@ -231,6 +264,46 @@ impl agent::Rootfs {
         rootfs.read_only = read_only;
         rootfs
     }
+
+    /// A rootfs on the virtio-blk disk with this serial, mounted by the agent (ext4 unless
+    /// [`Self::with_fs_type`] says otherwise). `overlay` gives the container a private writable
+    /// layer over the (then read-only) disk.
+    pub fn from_block_serial(
+        serial: impl Into<String>,
+        read_only: bool,
+        overlay: bool,
+    ) -> agent::Rootfs {
+        let mut rootfs = agent::Rootfs::new();
+        rootfs.set_block(BlockTarget::Serial(serial.into()).into());
+        rootfs.read_only = read_only;
+        rootfs.overlay = overlay;
+        rootfs
+    }
+
+    /// The same rootfs with the disk's filesystem type (e.g. "ext4", "xfs").
+    pub fn with_fs_type(mut self, fs_type: impl Into<String>) -> agent::Rootfs {
+        self.fs_type = fs_type.into();
+        self
+    }
+}
+
+/// The byte ranges [`AgentClient::copy_file`] sends, one `CopyFile` call each: consecutive, at
+/// most `chunk` bytes long (a `chunk` of 0 counts as 1), covering `0..len`. An empty file is one
+/// empty range, so that the agent still creates it.
+pub fn copy_file_chunks(len: usize, chunk: usize) -> Vec<Range<usize>> {
+    let chunk = chunk.max(1);
+    if len == 0 {
+        return std::iter::once(0..0).collect();
+    }
+    (0..len)
+        .step_by(chunk)
+        .map(|start| start..len.min(start + chunk))
+        .collect()
+}
+
+/// Milliseconds for a `wait_ms` field, saturating at `u32::MAX`.
+fn wait_millis(wait: Duration) -> u32 {
+    u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)
 }
 
 impl From<BlockTarget> for agent::BlockDevice {
@@ -278,6 +351,13 @@ impl AgentClient {
 
     fn ctx(&self) -> ttrpc::context::Context {
         ttrpc::context::with_duration(self.timeout)
+    }
+
+    /// The deadline of a call that may wait `wait_ms` in the agent before answering: the
+    /// requested wait (the agent may clamp it lower) plus the usual per-call timeout.
+    fn long_poll_ctx(&self, wait_ms: u32) -> ttrpc::context::Context {
+        let wait = Duration::from_millis(u64::from(wait_ms));
+        ttrpc::context::with_duration(self.timeout.saturating_add(wait))
     }
 
     /// Agent version and protocol version.
@@ -444,9 +524,10 @@ impl AgentClient {
         req.exec_id = exec_id.to_owned();
         req.stream = stream.into();
         req.max_bytes = max_bytes;
-        req.wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
-        let ctx = ttrpc::context::with_duration(self.timeout + wait);
-        Ok(self.inner.read_stream(ctx, &req)?)
+        req.wait_ms = wait_millis(wait);
+        Ok(self
+            .inner
+            .read_stream(self.long_poll_ctx(req.wait_ms), &req)?)
     }
 
     /// Reads a stream until EOF (or until `timeout` passes: the bytes so far are returned with
@@ -502,6 +583,156 @@ impl AgentClient {
         req.exec_id = exec_id.to_owned();
         self.inner.close_stdin(self.ctx(), &req)?;
         Ok(())
+    }
+
+    /// Sets up the pod's namespaces, hostname, DNS and sysctls (protocol version 3).
+    pub fn create_sandbox(
+        &self,
+        req: &agent::CreateSandboxRequest,
+    ) -> Result<agent::CreateSandboxResponse, RpcError> {
+        Ok(self.inner.create_sandbox(self.ctx(), req)?)
+    }
+
+    /// Removes every container, then the sandbox. Idempotent in the agent.
+    pub fn destroy_sandbox(&self) -> Result<(), RpcError> {
+        self.inner
+            .destroy_sandbox(self.ctx(), &agent::DestroySandboxRequest::new())?;
+        Ok(())
+    }
+
+    /// Starts `exec_id` in a running container from an OCI `process` object (JSON); returns its
+    /// pid in the agent's pid namespace.
+    pub fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+    ) -> Result<u32, RpcError> {
+        let mut req = agent::ExecProcessRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        req.process_json = process_json.to_vec();
+        Ok(self.inner.exec_process(self.ctx(), &req)?.pid)
+    }
+
+    /// Sets the window size of a process's terminal.
+    pub fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), RpcError> {
+        let mut req = agent::ResizeTtyRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        req.rows = rows;
+        req.cols = cols;
+        self.inner.resize_tty(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// cgroup figures of a container, plus the guest's NIC counters.
+    pub fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<agent::StatsContainerResponse, RpcError> {
+        let mut req = agent::StatsContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        Ok(self.inner.stats_container(self.ctx(), &req)?)
+    }
+
+    /// Changes a container's cgroup limits from OCI `linux.resources` (JSON).
+    pub fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: &[u8],
+    ) -> Result<(), RpcError> {
+        let mut req = agent::UpdateContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        req.resources_json = resources_json.to_vec();
+        self.inner.update_container(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// Freezes every process of a container.
+    pub fn pause_container(&self, container_id: &str) -> Result<(), RpcError> {
+        let mut req = agent::PauseContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner.pause_container(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// Thaws a paused container.
+    pub fn resume_container(&self, container_id: &str) -> Result<(), RpcError> {
+        let mut req = agent::ResumeContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner.resume_container(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// Writes `data` as `path` (relative) under the agent's file store, in chunks of at most
+    /// [`crate::MAX_COPY_FILE_CHUNK`] bytes (see [`copy_file_chunks`]), and returns the file's
+    /// absolute path in the agent's filesystem. The file appears atomically with the last chunk;
+    /// the agent refuses files larger than [`crate::MAX_COPY_FILE_SIZE`] on the first one.
+    ///
+    /// Not retried as a whole: if a chunk fails, call again from the start.
+    pub fn copy_file(
+        &self,
+        path: &str,
+        data: &[u8],
+        file_mode: u32,
+        dir_mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<String, RpcError> {
+        let file_size = data.len() as u64;
+        let mut resp = agent::CopyFileResponse::new();
+        for range in copy_file_chunks(data.len(), crate::MAX_COPY_FILE_CHUNK) {
+            let mut req = agent::CopyFileRequest::new();
+            req.path = path.to_owned();
+            req.file_size = file_size;
+            req.offset = range.start as u64;
+            req.data = data[range].to_vec();
+            req.file_mode = file_mode;
+            req.dir_mode = dir_mode;
+            req.uid = uid;
+            req.gid = gid;
+            resp = self.inner.copy_file(self.ctx(), &req)?;
+        }
+        Ok(resp.path)
+    }
+
+    /// The processes of a container.
+    pub fn list_processes(&self, container_id: &str) -> Result<Vec<agent::ProcessInfo>, RpcError> {
+        let mut req = agent::ListProcessesRequest::new();
+        req.container_id = container_id.to_owned();
+        Ok(self.inner.list_processes(self.ctx(), &req)?.processes)
+    }
+
+    /// Events with `seq > after_seq`, at most `max_events` (0: the agent's maximum), waiting up
+    /// to `wait` (the agent clamps it to [`crate::MAX_EVENTS_WAIT_MS`]) when none are pending.
+    /// The call's own deadline is extended by `wait`.
+    pub fn get_events(
+        &self,
+        after_seq: u64,
+        max_events: u32,
+        wait: Duration,
+    ) -> Result<agent::GetEventsResponse, RpcError> {
+        let mut req = agent::GetEventsRequest::new();
+        req.after_seq = after_seq;
+        req.max_events = max_events;
+        req.wait_ms = wait_millis(wait);
+        Ok(self
+            .inner
+            .get_events(self.long_poll_ctx(req.wait_ms), &req)?)
+    }
+
+    /// Whether the agent serves requests, with its container count.
+    pub fn health(&self) -> Result<agent::HealthResponse, RpcError> {
+        Ok(self
+            .inner
+            .health(self.ctx(), &agent::HealthRequest::new())?)
     }
 }
 

@@ -228,7 +228,14 @@ pub fn wait_ready(sync: &mut UnixStream) -> Result<Option<OwnedFd>, ContainerErr
         (0, _) => Err(ContainerError::Setup(
             "the child exited without a report".into(),
         )),
-        _ => Err(ContainerError::Setup(read_message(sync))),
+        _ => {
+            let msg = read_message(sync);
+            // A sysctl the kernel refuses (bad value, unknown name) is the client's mistake.
+            if msg.starts_with("open sysctl") || msg.starts_with("write sysctl") {
+                return Err(ContainerError::InvalidSpec(format!("linux.sysctl: {msg}")));
+            }
+            Err(ContainerError::Setup(msg))
+        }
     }
 }
 

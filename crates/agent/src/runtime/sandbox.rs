@@ -26,6 +26,16 @@ fn is_ipc_sysctl(name: &str) -> bool {
         || name.starts_with("fs.mqueue.")
 }
 
+/// A hostname the kernel and resolvers accept: 1..=64 of `[A-Za-z0-9.-]`, not starting with
+/// '-' or '.'.
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 64
+        && !h.starts_with(['-', '.'])
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 /// Checks a sysctl name and value and returns the /proc/sys path.
 pub fn sysctl_path(name: &str, value: &str) -> Result<String, ContainerError> {
     let ok_name = !name.is_empty()
@@ -61,6 +71,8 @@ pub struct Sandbox {
     pub pid: Pid,
     pub share_pid_namespace: bool,
     exited: Receiver<ExitStatus>,
+    /// The holder watches the other end: when the agent dies (host mode), so does the holder.
+    _life: std::os::fd::OwnedFd,
 }
 
 impl Sandbox {
@@ -72,9 +84,9 @@ impl Sandbox {
         guest: bool,
     ) -> Result<Sandbox, ContainerError> {
         let hostname = match &config.hostname {
-            Some(h) if h.len() > 64 || h.contains('\0') || h.is_empty() => {
+            Some(h) if !valid_hostname(h) => {
                 return Err(ContainerError::InvalidArgument(format!(
-                    "bad hostname {h:?}"
+                    "bad hostname {h:?}: 1 to 64 letters, digits, '-' and '.'"
                 )))
             }
             Some(h) => Some(CString::new(h.as_bytes()).unwrap_or_default()),
@@ -108,6 +120,8 @@ impl Sandbox {
             flags |= libc::CLONE_NEWPID;
         }
         let ready_fd = ready_w.as_raw_fd();
+        let (life_r, life_w) = pipe2(OFlag::O_CLOEXEC).map_err(ContainerError::sys("pipe2"))?;
+        let life_fd = life_r.as_raw_fd();
         let (_, pid, exited) = reaper.spawn_owned(|| {
             // SAFETY: fork-like clone (no CLONE_VM, NULL stack); the child runs `holder_main`,
             // which only makes raw system calls on data prepared above and never returns.
@@ -122,7 +136,7 @@ impl Sandbox {
                 )
             };
             if ret == 0 {
-                holder_main(ready_fd, hostname.as_ref(), &ipc);
+                holder_main(ready_fd, life_fd, hostname.as_ref(), &ipc);
             }
             if ret < 0 {
                 return Err(ContainerError::Sys {
@@ -133,13 +147,14 @@ impl Sandbox {
             let pid = Pid::from_raw(i32::try_from(ret).unwrap_or(-1));
             Ok(((), pid))
         })?;
-        drop(ready_w);
+        drop((ready_w, life_r));
         let mut status = [0u8; 8];
         let n = std::fs::File::from(ready_r).read(&mut status).unwrap_or(0);
         let sandbox = Sandbox {
             pid,
             share_pid_namespace: config.share_pid_namespace,
             exited,
+            _life: life_w,
         };
         if n != 1 || status[0] != 0 {
             let errno = if n >= 5 {
@@ -148,6 +163,14 @@ impl Sandbox {
                 0
             };
             sandbox.destroy();
+            if n >= 1 && status[0] == 2 {
+                // The kernel refused a sysctl value (EINVAL, ERANGE) or name (ENOENT).
+                let names: Vec<&str> = config.sysctls.iter().map(|(k, _)| k.as_str()).collect();
+                return Err(ContainerError::InvalidArgument(format!(
+                    "the kernel refused the pod's sysctls {names:?}: {}",
+                    nix::Error::from_raw(errno)
+                )));
+            }
             return Err(ContainerError::Setup(format!(
                 "the pod's holder process failed (step {}, errno {errno})",
                 status[0]
@@ -183,7 +206,12 @@ fn last_errno() -> i32 {
 }
 
 /// The holder: set up, report, then reap and wait. Raw system calls only.
-fn holder_main(ready: RawFd, hostname: Option<&CString>, sysctls: &[(CString, CString)]) -> ! {
+fn holder_main(
+    ready: RawFd,
+    life: RawFd,
+    hostname: Option<&CString>,
+    sysctls: &[(CString, CString)],
+) -> ! {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it below.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t.
@@ -221,15 +249,49 @@ fn holder_main(ready: RawFd, hostname: Option<&CString>, sysctls: &[(CString, CS
     // SAFETY: NUL-terminated path.
     unsafe { libc::chdir(c"/".as_ptr()) };
     report(ready, 0, 0);
-    // SAFETY: closes every descriptor of this process; nothing uses them afterwards.
-    unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
+    // Keep only the life pipe, as descriptor 0.
+    // SAFETY: dup2 of an inherited descriptor.
+    if unsafe { libc::dup2(life, 0) } < 0 {
+        exit(1);
+    }
+    // SAFETY: closes every other descriptor of this process; nothing uses them afterwards.
+    unsafe { libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) };
+    // SAFETY: a signalfd for the blocked set.
+    let sigfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    if sigfd < 0 {
+        exit(1);
+    }
+    let mut fds = [
+        libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: sigfd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     loop {
         // SAFETY: reaps any exited child; a NULL status pointer is allowed.
         while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
-        // SAFETY: waits for a signal of the blocked set; a NULL info pointer is allowed.
-        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
-        if sig == libc::SIGTERM {
+        // SAFETY: polls two descriptors of this process.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            // The agent is gone (its end of the life pipe closed).
             exit(0);
+        }
+        if fds[1].revents != 0 {
+            let mut info = [0u8; 128];
+            // SAFETY: reads one signalfd_siginfo (128 bytes) into a local buffer.
+            let n = unsafe { libc::read(sigfd, info.as_mut_ptr().cast(), info.len()) };
+            // ssi_signo is the first u32 of signalfd_siginfo.
+            if n == 128 && u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) == 15 {
+                exit(0);
+            }
         }
     }
 }
@@ -253,6 +315,10 @@ mod tests {
             assert!(sysctl_path(bad, "1").is_err(), "{bad:?}");
         }
         assert!(sysctl_path("kernel.x", "a\nb").is_err());
+        assert!(valid_hostname("pod-a.example"));
+        for bad in ["", "a\nb", "-a", ".a", "a b", "ä", &"x".repeat(65)] {
+            assert!(!valid_hostname(bad), "{bad:?}");
+        }
         assert!(is_ipc_sysctl("kernel.msgmax"));
         assert!(!is_ipc_sysctl("net.ipv4.ip_forward"));
     }

@@ -354,11 +354,10 @@ impl ContainerConfig {
         let process_config = ProcessConfig::from_oci(process)?;
         let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
         if let Some(h) = &hostname {
-            no_nul("hostname", h)?;
-            if h.len() > 64 {
-                return Err(ContainerError::InvalidSpec(
-                    "hostname is longer than 64 bytes".into(),
-                ));
+            if !super::sandbox::valid_hostname(h) {
+                return Err(ContainerError::InvalidSpec(format!(
+                    "hostname {h:?} is not 1 to 64 letters, digits, '-' and '.'"
+                )));
             }
         }
         let linux = spec.linux().as_ref();
