@@ -407,6 +407,17 @@ impl Agent for AgentService {
         Ok(containers::get_events(self.containers()?, &req).map_err(AgentError::from)?)
     }
 
+    fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RemoveProcessRequest,
+    ) -> ttrpc::Result<pb::RemoveProcessResponse> {
+        self.containers()?
+            .remove_exec(&req.container_id, &req.exec_id)
+            .map_err(AgentError::from)?;
+        Ok(pb::RemoveProcessResponse::new())
+    }
+
     fn health(
         &self,
         _ctx: &TtrpcContext,

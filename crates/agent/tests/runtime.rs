@@ -68,6 +68,17 @@ fn exec_joins_the_container() {
     a.client.close_stdin("c", "cat").unwrap();
     assert_eq!(a.client.wait_process("c", "cat").unwrap().exit_code, 0);
     assert_eq!(a.output("c", "cat"), "round trip\n");
+    // RemoveProcess forgets an exec'd process; a second removal is fine.
+    a.client.remove_process("c", "cat").unwrap();
+    a.client.remove_process("c", "cat").unwrap();
+    let mut wait = pb::WaitProcessRequest::new();
+    wait.container_id = "c".into();
+    wait.exec_id = "cat".into();
+    assert_eq!(
+        code(a.raw().wait_process(ctx(), &wait).unwrap_err()),
+        Code::NOT_FOUND
+    );
+    assert!(a.client.remove_process("c", "").is_err());
     // Killing the init process ends the exec'd ones too (same pid namespace).
     a.exec("c", "long", &process(&["sleep", "60"], "")).unwrap();
     let mut req = pb::SignalProcessRequest::new();

@@ -734,6 +734,15 @@ impl AgentClient {
             .inner
             .health(self.ctx(), &agent::HealthRequest::new())?)
     }
+
+    /// Forgets an exec'd process (killed first if it still runs); idempotent.
+    pub fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<(), RpcError> {
+        let mut req = agent::RemoveProcessRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        self.inner.remove_process(self.ctx(), &req)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

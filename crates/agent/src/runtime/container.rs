@@ -946,6 +946,22 @@ impl Containers {
         Ok(proc_)
     }
 
+    /// Kills an exec'd process if it runs, waits for it to be reaped and forgets it.
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        if exec_id.is_empty() {
+            return Err(ContainerError::InvalidArgument(
+                "the init process is removed with its container".into(),
+            ));
+        }
+        let container = self.get(id)?;
+        let Some(p) = lock(&container.execs).remove(exec_id) else {
+            return Ok(());
+        };
+        p.kill_and_reap()?;
+        p.close_stdin();
+        Ok(())
+    }
+
     /// Kills the container if it runs, waits for it to be reaped and forgets it.
     pub fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id)?;
