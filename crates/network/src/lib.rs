@@ -42,6 +42,7 @@
 //! Everything is synchronous; async callers use `spawn_blocking`.
 
 pub mod cni;
+pub mod existing_netns;
 pub mod guest;
 pub mod link;
 pub mod manager;

@@ -1,0 +1,205 @@
+//! containerd's rootfs mounts to a cached read-only ext4 disk.
+//!
+//! The overlay snapshotter hands the shim `overlay` mounts: `lowerdir=` lists the committed
+//! image layers (top first), `upperdir`/`workdir` the container's writable snapshot. The lower
+//! directories become one ext4 disk (their merged view, whiteouts applied by a read-only
+//! overlay mount on the host), cached under the chain of lower directories; the writable layer
+//! lives in the guest (the agent's overlay on a tmpfs), so `upperdir` stays unused.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use containerd_shim_protos::types::mount::Mount;
+use image::digest::Digest;
+use image::disk::{Disk, DiskCache, DiskError};
+
+use crate::error::ShimError;
+
+/// The read-only directories a container's rootfs is made of, top first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layers {
+    /// Lower directories, top first (overlayfs order).
+    pub lower: Vec<PathBuf>,
+}
+
+impl Layers {
+    /// The cache key: the chain of lower directories (snapshot ids change with the parents).
+    pub fn key(&self) -> Digest {
+        let mut chain = String::new();
+        for l in &self.lower {
+            chain.push_str(&l.to_string_lossy());
+            chain.push('\n');
+        }
+        Digest::sha256(chain.as_bytes())
+    }
+}
+
+/// Parses the mounts containerd passes in `CreateTaskRequest.rootfs`.
+pub fn parse_mounts(mounts: &[Mount]) -> Result<Layers, ShimError> {
+    let [m] = mounts else {
+        return Err(ShimError::InvalidArgument(format!(
+            "expected one rootfs mount, got {} (snapshotter overlayfs or native)",
+            mounts.len()
+        )));
+    };
+    match m.type_.as_str() {
+        "overlay" => {
+            let lower: Vec<PathBuf> = m
+                .options
+                .iter()
+                .filter_map(|o| o.strip_prefix("lowerdir="))
+                .flat_map(|l| l.split(':'))
+                .filter(|l| !l.is_empty())
+                .map(PathBuf::from)
+                .collect();
+            if lower.is_empty() {
+                return Err(ShimError::InvalidArgument(
+                    "overlay rootfs mount without lowerdir".into(),
+                ));
+            }
+            Ok(Layers { lower })
+        }
+        "bind" | "none" if !m.source.is_empty() => Ok(Layers {
+            lower: vec![PathBuf::from(&m.source)],
+        }),
+        other => Err(ShimError::InvalidArgument(format!(
+            "rootfs mount type {other:?} is not supported"
+        ))),
+    }
+}
+
+impl From<DiskError> for ShimError {
+    fn from(e: DiskError) -> Self {
+        ShimError::Rootfs(sandbox::error_chain(&e))
+    }
+}
+
+/// The disk for `layers`, built on first use.
+pub fn disk_for(cache: &DiskCache, layers: &Layers) -> Result<Disk, ShimError> {
+    for l in &layers.lower {
+        if !l.is_absolute() || !l.is_dir() {
+            return Err(ShimError::InvalidArgument(format!(
+                "rootfs layer {} is not a directory",
+                l.display()
+            )));
+        }
+    }
+    cache.get_or_build(&layers.key(), |tree| fill(tree, &layers.lower))
+}
+
+/// Copies the merged view of `lower` into `tree`.
+fn fill(tree: &Path, lower: &[PathBuf]) -> Result<(), ShimError> {
+    if let [single] = lower {
+        return copy_tree(single, tree);
+    }
+    let view = tempfile::Builder::new()
+        .prefix(".tmp-view-")
+        .tempdir()
+        .map_err(|e| ShimError::Io {
+            what: "creating a mount point",
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+    let joined: Vec<String> = lower
+        .iter()
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    let data = format!("lowerdir={}", joined.join(":"));
+    nix::mount::mount(
+        Some("overlay"),
+        view.path(),
+        Some("overlay"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some(data.as_str()),
+    )
+    .map_err(|e| ShimError::Rootfs(format!("mounting the layers' overlay: {e}")))?;
+    let copied = copy_tree(view.path(), tree);
+    if let Err(e) = nix::mount::umount2(view.path(), nix::mount::MntFlags::MNT_DETACH) {
+        log::warn!("unmounting {}: {e}", view.path().display());
+    }
+    copied
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), ShimError> {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(from.join("."))
+        .arg(to)
+        .output()
+        .map_err(|e| ShimError::Io {
+            what: "running cp for",
+            path: from.to_path_buf(),
+            source: e,
+        })?;
+    if !out.status.success() {
+        return Err(ShimError::Rootfs(format!(
+            "cp -a {}: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlay(opts: &[&str]) -> Mount {
+        Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: opts.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lowerdirs_in_order_and_keyed_by_chain() {
+        let l = parse_mounts(&[overlay(&[
+            "index=off",
+            "workdir=/s/3/work",
+            "upperdir=/s/3/fs",
+            "lowerdir=/s/2/fs:/s/1/fs",
+        ])])
+        .unwrap();
+        assert_eq!(
+            l.lower,
+            vec![PathBuf::from("/s/2/fs"), PathBuf::from("/s/1/fs")]
+        );
+        let other = Layers {
+            lower: vec![PathBuf::from("/s/1/fs")],
+        };
+        assert_ne!(l.key(), other.key());
+        assert_eq!(l.key(), l.clone().key());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_use() {
+        assert!(parse_mounts(&[]).is_err());
+        assert!(parse_mounts(&[overlay(&["upperdir=/u"])]).is_err());
+        let tmpfs = Mount {
+            type_: "tmpfs".into(),
+            ..Default::default()
+        };
+        assert!(parse_mounts(&[tmpfs]).is_err());
+    }
+
+    #[test]
+    fn builds_a_cached_disk_from_one_layer() {
+        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            return;
+        }
+        let layer = tempfile::tempdir().unwrap();
+        std::fs::create_dir(layer.path().join("bin")).unwrap();
+        std::fs::write(layer.path().join("bin/x"), b"hi").unwrap();
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(cache_dir.path()).unwrap();
+        let layers = Layers {
+            lower: vec![layer.path().to_path_buf()],
+        };
+        let d = disk_for(&cache, &layers).unwrap();
+        assert!(!d.cached && d.path.is_file());
+        assert!(disk_for(&cache, &layers).unwrap().cached);
+    }
+}
