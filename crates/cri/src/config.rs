@@ -17,6 +17,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Images and their ext4 disks.
     pub image_dir: PathBuf,
+    /// VMM logs and guest consoles (`<pod id>.vmm.log`, `<pod id>.console`), removed with the
+    /// pod.
+    pub vm_log_dir: PathBuf,
     /// The VMM binary, guest kernel and initramfs.
     pub vmm: PathBuf,
     pub kernel: PathBuf,
@@ -43,6 +46,18 @@ pub struct Config {
     pub registry_mirrors: std::collections::BTreeMap<String, Vec<String>>,
     /// The cgroup driver reported to kubelet.
     pub cgroup_driver: String,
+    /// Images imported from local archives at start-up when the store lacks them: the
+    /// built-in default image, so a node runs `busybox` pods without a registry.
+    pub preload_images: Vec<PreloadImage>,
+}
+
+/// An image imported at start-up from a `docker save` or OCI archive.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreloadImage {
+    /// The name it gets (also how it is chosen inside a multi-image archive).
+    pub name: String,
+    pub archive: PathBuf,
 }
 
 impl Default for Config {
@@ -52,6 +67,7 @@ impl Default for Config {
             socket_group: None,
             state_dir: "/run/hyperd/sandboxes".into(),
             image_dir: "/var/lib/hyperd/images".into(),
+            vm_log_dir: "/var/log/hyperd/pods".into(),
             vmm: "/usr/local/lib/hypernetes/hyper-vmm".into(),
             kernel: "/usr/local/lib/hypernetes/vmlinux".into(),
             initrd: "/usr/local/lib/hypernetes/initrd.img".into(),
@@ -69,6 +85,10 @@ impl Default for Config {
             insecure_registries: Vec::new(),
             registry_mirrors: Default::default(),
             cgroup_driver: "cgroupfs".into(),
+            preload_images: vec![PreloadImage {
+                name: "docker.io/library/busybox:latest".into(),
+                archive: "/usr/local/lib/hypernetes/images/busybox.tar".into(),
+            }],
         }
     }
 }
@@ -122,6 +142,14 @@ impl Config {
                 "default_memory_mib must be at least 32".into(),
             ));
         }
+        for p in &self.preload_images {
+            if image::reference::Reference::parse(&p.name).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "preload_images: {:?} is not an image reference",
+                    p.name
+                )));
+            }
+        }
         if !matches!(self.cgroup_driver.as_str(), "cgroupfs" | "systemd") {
             return Err(ConfigError::Invalid(
                 "cgroup_driver is cgroupfs or systemd".into(),
@@ -146,6 +174,14 @@ mod tests {
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
         let bad = Config {
             default_vcpus: 0,
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = Config {
+            preload_images: vec![PreloadImage {
+                name: "Not A Ref".into(),
+                archive: "/x.tar".into(),
+            }],
             ..Config::default()
         };
         assert!(bad.validate().is_err());

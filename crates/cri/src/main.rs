@@ -60,6 +60,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .with_context(|| format!("opening the image store {}", config.image_dir.display()))?,
     );
+    preload_images(&images, &config.preload_images).await;
     let network = Arc::new(network::NetworkManager::new(network::NetworkConfig {
         conf_dir: config.cni_conf_dir.clone(),
         bin_dirs: config.cni_bin_dirs.clone(),
@@ -73,6 +74,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.initrd.clone(),
     );
     mc.state_root = config.state_dir.clone();
+    mc.log_dir = config.vm_log_dir.clone();
     mc.kernel_cmdline_extra = config.kernel_cmdline.clone();
     mc.default_vcpus = config.default_vcpus;
     mc.default_memory_mib = config.default_memory_mib;
@@ -81,8 +83,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     mc.spare_drives = config.spare_drives;
     mc.boot_timeout = Duration::from_secs(config.boot_timeout_secs);
     let sandboxes = sandbox::SandboxManager::new(mc).context("starting the sandbox manager")?;
+    if !sandboxes.id_len_fits(cri::runtime::ID_LEN) {
+        anyhow::bail!(
+            "state_dir {} or vm_log_dir {} is too long: a pod's VMM socket paths under them \
+             would not fit in a Unix socket address; choose shorter directories",
+            config.state_dir.display(),
+            config.vm_log_dir.display()
+        );
+    }
     let report = sandboxes.recover().context("recovering pods")?;
     log::info!("recovered: {report:?}");
+    release_orphan_networks(&sandboxes, &network);
 
     let in_use = {
         let sandboxes = sandboxes.clone();
@@ -134,4 +145,63 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving")?;
     Ok(())
+}
+
+/// Tears down pod networks that belong to no pod: left by a RunPodSandbox whose rollback could
+/// not run CNI DEL, or by a hyperd that died between network setup and the pod's first record
+/// (recovery then removes the half-created pod). Their IP leases would otherwise leak.
+fn release_orphan_networks(sandboxes: &sandbox::SandboxManager, network: &network::NetworkManager) {
+    let pods: std::collections::HashSet<String> = sandboxes
+        .list_pods()
+        .iter()
+        .map(|p| p.id().to_owned())
+        .collect();
+    let ids = match network.pods() {
+        Ok(ids) => ids,
+        Err(e) => {
+            log::warn!("listing pod networks: {}", cri::error_chain(&e));
+            return;
+        }
+    };
+    for id in ids.into_iter().filter(|id| !pods.contains(id)) {
+        match network.teardown(&id) {
+            Ok(()) => log::info!("released the network of {id}, which belongs to no pod"),
+            Err(e) => log::warn!(
+                "network of {id} (no pod): teardown failed: {}",
+                cri::error_chain(&e)
+            ),
+        }
+    }
+}
+
+/// Imports the configured built-in images the store does not have yet. A missing or broken
+/// archive is logged, not fatal: hyperd serves pulled images without it.
+async fn preload_images(images: &image::ImageStore, preload: &[cri::config::PreloadImage]) {
+    for p in preload {
+        if images.status(&p.name).is_some() {
+            continue;
+        }
+        if !p.archive.exists() {
+            log::info!(
+                "built-in image {}: {} does not exist, not preloaded",
+                p.name,
+                p.archive.display()
+            );
+            continue;
+        }
+        match images.import_archive(&p.archive, &p.name).await {
+            Ok(r) => log::info!(
+                "built-in image {} imported from {} as {}",
+                p.name,
+                p.archive.display(),
+                r.id
+            ),
+            Err(e) => log::warn!(
+                "built-in image {} from {}: {}",
+                p.name,
+                p.archive.display(),
+                cri::error_chain(&e)
+            ),
+        }
+    }
 }

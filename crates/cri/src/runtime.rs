@@ -4,9 +4,9 @@
 //! Every blocking call (VM boot, CNI, agent RPCs) runs on tokio's blocking pool, so one pod's
 //! slow boot never holds up another pod's request.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use image::ImageStore;
@@ -29,6 +29,26 @@ pub struct Runtime {
     network: Arc<NetworkManager>,
     images: Arc<ImageStore>,
     cgroup_driver: String,
+    /// Pod names (namespace, name, uid, attempt) whose RunPodSandbox is in flight: a second
+    /// request for the same name is refused even before the first pod is listed.
+    starting: Arc<Mutex<HashSet<PodName>>>,
+}
+
+type PodName = (String, String, String, u32);
+
+/// Holds a name in [`Runtime::starting`] until dropped.
+struct NameReservation {
+    names: Arc<Mutex<HashSet<PodName>>>,
+    name: PodName,
+}
+
+impl Drop for NameReservation {
+    fn drop(&mut self) {
+        self.names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.name);
+    }
 }
 
 /// Maps sandbox errors to gRPC statuses.
@@ -68,6 +88,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A new 64-hex-digit id, like containerd's.
+/// Length of the pod and container ids [`new_id`] makes (64 hex digits, as containerd's).
+pub const ID_LEN: usize = 64;
+
 pub fn new_id() -> String {
     let mut bytes = [0u8; 32];
     let ok = std::fs::File::open("/dev/urandom")
@@ -264,7 +287,42 @@ impl Runtime {
             network,
             images,
             cgroup_driver,
+            starting: Arc::default(),
         }
+    }
+
+    /// Reserves a pod name for a RunPodSandbox; `AlreadyExists` when a pod has it or another
+    /// RunPodSandbox is starting one with it (kubelet retries, and must not get two VMs).
+    fn reserve_name(&self, spec: &sandbox::PodSpec) -> Result<NameReservation, Status> {
+        let name: PodName = (
+            spec.namespace.clone(),
+            spec.name.clone(),
+            spec.uid.clone(),
+            spec.attempt,
+        );
+        let exists = || {
+            Status::already_exists(format!(
+                "a pod sandbox {}/{} (uid {}, attempt {}) exists",
+                spec.namespace, spec.name, spec.uid, spec.attempt
+            ))
+        };
+        let mut starting = self
+            .starting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let taken = self.sandboxes.list_pods().into_iter().any(|p| {
+            p.spec.name == spec.name
+                && p.spec.namespace == spec.namespace
+                && p.spec.uid == spec.uid
+                && p.spec.attempt == spec.attempt
+        });
+        if taken || !starting.insert(name.clone()) {
+            return Err(exists());
+        }
+        Ok(NameReservation {
+            names: self.starting.clone(),
+            name,
+        })
     }
 
     fn pod_spec(
@@ -392,19 +450,9 @@ impl RuntimeService for Runtime {
             .ok_or_else(|| Status::invalid_argument("pod sandbox config is missing"))?;
         let id = new_id();
         let mut spec = Runtime::pod_spec(&id, &config, &req.runtime_handler)?;
-        // One pod per name, namespace, uid and attempt, as containerd reserves names.
-        let taken = self.sandboxes.list_pods().into_iter().any(|p| {
-            p.spec.name == spec.name
-                && p.spec.namespace == spec.namespace
-                && p.spec.uid == spec.uid
-                && p.spec.attempt == spec.attempt
-        });
-        if taken {
-            return Err(Status::already_exists(format!(
-                "a pod sandbox {}/{} (uid {}, attempt {}) exists",
-                spec.namespace, spec.name, spec.uid, spec.attempt
-            )));
-        }
+        // One pod per name, namespace, uid and attempt, as containerd reserves names; held
+        // until the pod is listed (or its start failed).
+        let reservation = self.reserve_name(&spec)?;
         let host_network = config
             .linux
             .as_ref()
@@ -454,6 +502,7 @@ impl RuntimeService for Runtime {
             Ok(())
         })
         .await?;
+        drop(reservation);
         log::info!("pod sandbox {id} is ready");
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: id,
@@ -468,9 +517,11 @@ impl RuntimeService for Runtime {
         let sandboxes = self.sandboxes.clone();
         let network = self.network.clone();
         blocking(move || {
-            sandboxes
-                .stop_pod(&id, Duration::from_secs(10))
-                .map_err(status)?;
+            // kubelet has stopped every container with its grace period (StopContainer)
+            // before it stops the sandbox; what still runs is killed at once, as containerd
+            // does. A grace period here would cost its full length for every container whose
+            // init ignores SIGTERM (a shell as PID 1 does).
+            sandboxes.stop_pod(&id, Duration::ZERO).map_err(status)?;
             // CRI: stopping releases the network.
             network.teardown(&id).map_err(net_status)
         })
@@ -958,12 +1009,17 @@ impl RuntimeService for Runtime {
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
         let rx = self.sandboxes.subscribe();
-        let sandboxes = self.sandboxes.clone();
+        // Weak: a subscriber must not keep the manager alive past hyperd's shutdown (its drop
+        // drains the log forwarders); the channel closes with it and the thread ends.
+        let weak = Arc::downgrade(&self.sandboxes);
         let (tx, out) = tokio::sync::mpsc::channel(256);
         std::thread::Builder::new()
             .name("cri-events".into())
             .spawn(move || {
                 while let Ok(ev) = rx.recv() {
+                    let Some(sandboxes) = weak.upgrade() else {
+                        break;
+                    };
                     let pod = sandboxes.pod_status(&ev.pod_id).ok();
                     let (container_id, statuses) = match &ev.container_id {
                         Some(cid) => (
@@ -997,6 +1053,7 @@ impl RuntimeService for Runtime {
                         pod_sandbox_status: pod.as_ref().map(pod_status_of),
                         containers_statuses: statuses,
                     };
+                    drop(sandboxes);
                     if tx.blocking_send(Ok(resp)).is_err() {
                         break;
                     }

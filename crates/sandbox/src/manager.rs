@@ -153,6 +153,13 @@ impl SandboxManager {
         &self.inner.cfg
     }
 
+    /// Whether a pod id of `len` characters keeps the pod's socket and log paths within
+    /// the `sockaddr_un` limit under the configured directories (a daemon checks its id
+    /// length at start-up instead of refusing every pod later).
+    pub fn id_len_fits(&self, len: usize) -> bool {
+        self.inner.layout.paths_fit(&"0".repeat(len))
+    }
+
     /// Takes over the pods recorded under the state root (after a hyperd restart): re-attaches
     /// to VMMs that still run (same pid, start time and command line), reconnects their agents,
     /// restarts log forwarding and event watching; pods whose VMM is gone become NOTREADY with
