@@ -5,7 +5,7 @@ CARGO ?= cargo
 BUILD ?= $(CURDIR)/build
 export HYPERNETES_BUILD := $(BUILD)
 
-.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench container-bench clean
+.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench container-bench cri-bench clean
 
 all: build
 
@@ -28,8 +28,12 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Unit tests, then the CRI scenario of e2e/tests/hyperd.rs against containerd + runc: the
+# reference for hyperd's run of the same scenario in `make e2e`. It needs root but no KVM and
+# runs on the host (the test's comment says why not in the test VM).
 unit:
 	$(CARGO) test --workspace
+	$(CARGO) test -p e2e --test hyperd -- --ignored --exact containerd_cri_reference
 
 # End-to-end tests: boot real guests. Runs the whole e2e suite in ONE KVM test VM boot.
 e2e: guest
@@ -52,6 +56,11 @@ image-bench:
 # Container start latency in a pod VM (hyperstart) against `runc run` on the host, same run.
 container-bench: setup guest
 	hack/container-bench.sh
+
+# Pod start through CRI: hyperd against containerd + runc (hyperctl bench), same KVM test-VM boot;
+# plus host memory per idle pod. CRI_BENCH_PODS (20), CRI_BENCH_PARALLEL (4), CRI_BENCH_IDLE (5).
+cri-bench: setup guest
+	hack/cri-bench.sh
 
 clean:
 	$(CARGO) clean

@@ -13,7 +13,7 @@ PACKAGES=(
     linux-source-6.1 bc flex bison libelf-dev libssl-dev
     qemu-system-x86 linux-image-amd64 busybox-static cpio kmod
     iproute2 e2fsprogs socat lz4 python3
-    docker-registry skopeo runc containernetworking-plugins
+    docker-registry skopeo runc containerd containernetworking-plugins iptables
 )
 RUST_TARGETS=(x86_64-unknown-linux-musl)
 

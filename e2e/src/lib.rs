@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use protocol::client::{connect_vsock_uds, AgentClient};
 
+pub mod servers;
+
 /// Path of an artifact named by an environment variable.
 pub fn artifact(var: &str) -> PathBuf {
     match std::env::var_os(var) {
@@ -268,4 +270,31 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Writes a minimal busybox root filesystem under `root`: the usual top-level directories,
+/// `/bin/busybox` (Debian's busybox-static) and a symlink per applet.
+pub fn busybox_rootfs(root: &Path, applets: &[&str]) {
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d)).expect("rootfs directory");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox (busybox-static) is needed");
+    for a in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).expect("applet link");
+    }
+}
+
+/// A 16 MiB ext4 image `<dir>/rootfs.ext4` holding [`busybox_rootfs`] (made with
+/// `mkfs.ext4 -d` from `<dir>/rootfs`).
+pub fn busybox_rootfs_disk(dir: &Path, applets: &[&str]) -> PathBuf {
+    let root = dir.join("rootfs");
+    busybox_rootfs(&root, applets);
+    let img = dir.join("rootfs.ext4");
+    sh(&format!(
+        "mkfs.ext4 -q -F -d {} {} 16M",
+        root.display(),
+        img.display()
+    ));
+    img
 }

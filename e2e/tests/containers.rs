@@ -2,10 +2,10 @@
 //! rootfs on a virtio-blk ext4 disk found by its serial. One VM boot runs every case (run
 //! with `--ignored` by hack/run-e2e.sh).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use e2e::{sh, TempDir, TestVm, VmSpec};
+use e2e::{TempDir, TestVm, VmSpec};
 use protocol::agent::{self as pb, Stream};
 use protocol::AgentClient;
 use ttrpc::context::{self, Context};
@@ -19,23 +19,8 @@ fn ctx() -> Context {
     context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
 }
 
-/// An ext4 image holding a busybox rootfs, made with mkfs.ext4 -d.
-fn rootfs_disk(dir: &Path) -> std::path::PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
-    }
-    let img = dir.join("rootfs.ext4");
-    sh(&format!(
-        "mkfs.ext4 -q -F -d {} {} 16M",
-        root.display(),
-        img.display()
-    ));
-    img
+fn rootfs_disk(dir: &Path) -> PathBuf {
+    e2e::busybox_rootfs_disk(dir, APPLETS)
 }
 
 fn spec(args: &[&str], linux: &str) -> Vec<u8> {

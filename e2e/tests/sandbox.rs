@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e::{artifact, eventually, sh, TempDir};
+use e2e::{artifact, eventually, TempDir};
 use sandbox::process::pids_mentioning;
 use sandbox::{
     ContainerSpec, ContainerState, Dns, EventKind, FileToCopy, ManagerConfig, PodResources,
@@ -17,23 +17,8 @@ use sandbox::{
 
 const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "hostname", "true"];
 
-/// A busybox rootfs as an ext4 image (mkfs.ext4 -d).
 fn rootfs_disk(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
-    }
-    let img = dir.join("rootfs.ext4");
-    sh(&format!(
-        "mkfs.ext4 -q -F -d {} {} 16M",
-        root.display(),
-        img.display()
-    ));
-    img
+    e2e::busybox_rootfs_disk(dir, APPLETS)
 }
 
 fn config(dir: &Path) -> ManagerConfig {

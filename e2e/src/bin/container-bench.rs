@@ -69,13 +69,7 @@ fn main() {
         .unwrap_or(20);
     let dir = TempDir::new("cbench");
     let root = dir.path().join("bundle/rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
-    }
+    e2e::busybox_rootfs(&root, APPLETS);
     let img = dir.path().join("rootfs.ext4");
     sh(&format!(
         "mkfs.ext4 -q -F -d {} {} 16M",
