@@ -120,6 +120,50 @@ fn echo_exit_codes_and_stdout() {
 }
 
 #[test]
+fn acknowledged_reads_keep_output_until_acknowledged() {
+    let a = Agent::start("acked");
+    a.create("hello", &spec(&["echo", "hello world"]));
+    a.client.start_container("hello").unwrap();
+    assert_eq!(a.client.wait_process("hello", "").unwrap().exit_code, 0);
+    let read = |offset: u64, max: u32| {
+        a.client
+            .read_stream_from(
+                "hello",
+                "",
+                Stream::STREAM_STDOUT,
+                offset,
+                max,
+                Duration::ZERO,
+            )
+            .unwrap()
+    };
+    // A reader that died after the first read reads the same bytes again.
+    for _ in 0..2 {
+        let r = read(0, 5);
+        assert_eq!(
+            (r.data.as_slice(), r.offset, r.eof),
+            (&b"hello"[..], 0, false)
+        );
+        assert!(r.acknowledged);
+    }
+    let r = read(5, 0);
+    assert_eq!(
+        (r.data.as_slice(), r.offset, r.eof),
+        (&b" world\n"[..], 5, false)
+    );
+    // Everything acknowledged: end of stream.
+    let r = read(12, 0);
+    assert_eq!((r.data.len(), r.offset, r.eof), (0, 12, true));
+    // A plain (consuming) read sees the same end.
+    let r = a
+        .client
+        .read_stream("hello", "", Stream::STREAM_STDOUT, 0, Duration::ZERO)
+        .unwrap();
+    assert!(r.eof && r.data.is_empty() && !r.acknowledged);
+    a.client.remove_container("hello").unwrap();
+}
+
+#[test]
 fn output_beyond_the_buffer_is_dropped_and_counted() {
     let a = Agent::start("overflow");
     // 3 MiB while nobody reads: the agent keeps the newest MAX_STREAM_BUFFER bytes.

@@ -530,6 +530,32 @@ impl AgentClient {
             .read_stream(self.long_poll_ctx(req.wait_ms), &req)?)
     }
 
+    /// An acknowledged read (protocol 5): forgets the stream's bytes before `offset` and
+    /// returns those from `offset` on without consuming them, so the call is safe to repeat.
+    /// The response's `offset` is where its data starts; `acknowledged` is false from an
+    /// agent older than version 5 (which consumed what it returned).
+    pub fn read_stream_from(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: agent::Stream,
+        offset: u64,
+        max_bytes: u32,
+        wait: Duration,
+    ) -> Result<agent::ReadStreamResponse, RpcError> {
+        let mut req = agent::ReadStreamRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        req.stream = stream.into();
+        req.max_bytes = max_bytes;
+        req.wait_ms = wait_millis(wait);
+        req.acknowledged = true;
+        req.offset = offset;
+        Ok(self
+            .inner
+            .read_stream(self.long_poll_ctx(req.wait_ms), &req)?)
+    }
+
     /// Reads a stream until EOF (or until `timeout` passes: the bytes so far are returned with
     /// `eof == false`). Returns the data, whether EOF was reached, and the dropped-bytes count.
     pub fn read_stream_to_end(

@@ -25,7 +25,7 @@ pub use client::{AgentClient, ConnectError, RpcError};
 
 /// Version of the `hyperstart.v1` protocol this build speaks. Bumped on every compatible addition
 /// (new RPC or field); an incompatible change gets a new protobuf package instead.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest file `CopyFile` writes (16 MiB): config maps and secrets are at most 1 MiB.
 pub const MAX_COPY_FILE_SIZE: u64 = 16 << 20;

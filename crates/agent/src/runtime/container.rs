@@ -210,6 +210,14 @@ impl Process {
         }
     }
 
+    /// Acknowledged read of buffered output (see [`super::stdio::StreamBuffer::read_from`]).
+    pub fn read_from(&self, stream: StreamKind, offset: u64, max: usize, wait: Duration) -> Chunk {
+        match stream {
+            StreamKind::Stdout => self.stdout.read_from(offset, max, wait),
+            StreamKind::Stderr => self.stderr.read_from(offset, max, wait),
+        }
+    }
+
     /// Writes what fits into stdin without blocking; returns the bytes written.
     pub fn write_stdin(&self, data: &[u8]) -> Result<usize, ContainerError> {
         let stdin = lock(&self.stdin);

@@ -2,6 +2,10 @@
 //!
 //! Output stays in the agent until a host reader takes it, so a restarting host loses nothing
 //! short of overflow. When a buffer is full the oldest bytes are dropped and counted.
+//!
+//! Two ways to read: [`StreamBuffer::take`] consumes what it returns; [`StreamBuffer::read_from`]
+//! (acknowledged reads) forgets only the bytes before the offset the reader names and returns
+//! the rest without consuming it, so a reader that dies before storing a chunk gets it again.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -19,11 +23,15 @@ pub struct Chunk {
     pub eof: bool,
     /// Bytes dropped so far because the buffer was full.
     pub dropped: u64,
+    /// The stream offset of `data[0]`.
+    pub offset: u64,
 }
 
 #[derive(Debug, Default)]
 struct Ring {
     buf: VecDeque<u8>,
+    /// The stream offset of `buf[0]`: every byte ever pushed counts.
+    start: u64,
     dropped: u64,
     closed: bool,
 }
@@ -57,6 +65,7 @@ impl StreamBuffer {
         if excess > 0 {
             ring.buf.drain(..excess);
             ring.dropped += excess as u64;
+            ring.start += excess as u64;
         }
         drop(ring);
         self.readable.notify_all();
@@ -84,10 +93,54 @@ impl StreamBuffer {
                 .0;
         }
         let n = ring.buf.len().min(max);
+        let offset = ring.start;
         let data: Vec<u8> = ring.buf.drain(..n).collect();
+        ring.start += n as u64;
         Chunk {
             eof: ring.closed && ring.buf.is_empty(),
             dropped: ring.dropped,
+            offset,
+            data,
+        }
+    }
+
+    /// An acknowledged read: forgets the bytes before `offset` (the reader has them), then
+    /// returns up to `max` bytes from there on without consuming them, waiting up to `wait`
+    /// while there are none and the stream is open. An `offset` beyond what was written
+    /// acknowledges everything written so far. The chunk's `offset` is where its data starts:
+    /// later than asked when the bytes in between were dropped (or consumed by `take`).
+    pub fn read_from(&self, offset: u64, max: usize, wait: Duration) -> Chunk {
+        let deadline = Instant::now() + wait;
+        let mut ring = self.lock();
+        loop {
+            let acked = offset.saturating_sub(ring.start).min(ring.buf.len() as u64) as usize;
+            if acked > 0 {
+                ring.buf.drain(..acked);
+                ring.start += acked as u64;
+            }
+            if !ring.buf.is_empty() || ring.closed {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            ring = self
+                .readable
+                .wait_timeout(ring, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let n = ring.buf.len().min(max);
+        let (a, b) = ring.buf.as_slices();
+        let mut data = Vec::with_capacity(n);
+        data.extend_from_slice(&a[..n.min(a.len())]);
+        data.extend_from_slice(&b[..n.saturating_sub(a.len())]);
+        Chunk {
+            // Drained only once the reader acknowledged the last byte.
+            eof: ring.closed && ring.buf.is_empty(),
+            dropped: ring.dropped,
+            offset: ring.start,
             data,
         }
     }
@@ -147,6 +200,58 @@ mod tests {
         assert_eq!((c.data.as_slice(), c.eof), (&b"g"[..], false));
         let c = b.take(1, Duration::from_secs(5));
         assert_eq!((c.data.as_slice(), c.eof), (&b"h"[..], true));
+    }
+
+    #[test]
+    fn acknowledged_reads_repeat_until_acknowledged() {
+        let b = StreamBuffer::new(8);
+        b.push(b"hello");
+        // Read twice from 0: the same bytes (a reader that died re-reads).
+        for _ in 0..2 {
+            let c = b.read_from(0, 3, Duration::ZERO);
+            assert_eq!(
+                (c.data.as_slice(), c.offset, c.eof),
+                (&b"hel"[..], 0, false)
+            );
+        }
+        // Acknowledge 3: the rest.
+        let c = b.read_from(3, 16, Duration::ZERO);
+        assert_eq!((c.data.as_slice(), c.offset), (&b"lo"[..], 3));
+        // Overflow while unacknowledged: the oldest bytes go, the offset says so.
+        b.push(b"world!!");
+        let c = b.read_from(3, 16, Duration::ZERO);
+        assert_eq!(c.dropped, 1);
+        assert_eq!((c.data.as_slice(), c.offset), (&b"oworld!!"[..], 4));
+        // EOF only once everything is acknowledged; acknowledging past the end is harmless.
+        b.close();
+        let c = b.read_from(10, 16, Duration::ZERO);
+        assert_eq!(
+            (c.data.as_slice(), c.offset, c.eof),
+            (&b"!!"[..], 10, false)
+        );
+        let c = b.read_from(u64::MAX, 16, Duration::from_secs(5));
+        assert_eq!((c.data.len(), c.offset, c.eof), (0, 12, true));
+        // A consuming read after acknowledged ones continues at the same offsets.
+        let b = StreamBuffer::new(8);
+        b.push(b"abcd");
+        assert_eq!(b.take(2, Duration::ZERO).offset, 0);
+        let c = b.read_from(0, 16, Duration::ZERO);
+        assert_eq!((c.data.as_slice(), c.offset), (&b"cd"[..], 2));
+    }
+
+    #[test]
+    fn acknowledged_read_waits_for_new_data() {
+        let b = StreamBuffer::new(16);
+        b.push(b"ab");
+        let w = b.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            w.push(b"c");
+        });
+        // Everything so far acknowledged: waits for the next byte.
+        let c = b.read_from(2, 16, Duration::from_secs(5));
+        assert_eq!((c.data.as_slice(), c.offset), (&b"c"[..], 2));
+        t.join().unwrap();
     }
 
     #[test]

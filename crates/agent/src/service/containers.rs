@@ -142,11 +142,17 @@ pub(super) fn read_stream(
         n => n.min(MAX_READ_STREAM_LEN),
     };
     let wait = Duration::from_millis(u64::from(req.wait_ms.min(MAX_READ_STREAM_WAIT_MS)));
-    let chunk = container.read(stream, max as usize, wait);
+    let chunk = if req.acknowledged {
+        container.read_from(stream, req.offset, max as usize, wait)
+    } else {
+        container.read(stream, max as usize, wait)
+    };
     let mut resp = pb::ReadStreamResponse::new();
     resp.data = chunk.data;
     resp.eof = chunk.eof;
     resp.dropped_bytes = chunk.dropped;
+    resp.offset = chunk.offset;
+    resp.acknowledged = req.acknowledged;
     Ok(resp)
 }
 

@@ -210,4 +210,20 @@ impl ReconnectingClient {
     ) -> Result<agent::ReadBlockResponse, RpcError> {
         self.call_idempotent(|c| c.read_block(device.clone(), offset, length))
     }
+
+    /// [`AgentClient::read_stream_from`] (an acknowledged read: repeating it returns the same
+    /// bytes), retried after a reconnection.
+    pub fn read_stream_from(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: agent::Stream,
+        offset: u64,
+        max_bytes: u32,
+        wait: Duration,
+    ) -> Result<agent::ReadStreamResponse, RpcError> {
+        self.call_idempotent(|c| {
+            c.read_stream_from(container_id, exec_id, stream, offset, max_bytes, wait)
+        })
+    }
 }
