@@ -35,6 +35,8 @@ pub struct Config {
     pub spare_drives: u8,
     /// How long a VM may take to boot.
     pub boot_timeout_secs: u64,
+    /// Deadline of an ordinary call to a pod's agent.
+    pub agent_call_timeout_secs: u64,
     /// CNI configuration and plugins.
     pub cni_conf_dir: PathBuf,
     pub cni_bin_dirs: Vec<PathBuf>,
@@ -78,6 +80,7 @@ impl Default for Config {
             max_vcpus: 16,
             spare_drives: 8,
             boot_timeout_secs: 30,
+            agent_call_timeout_secs: 30,
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
             netns_dir: "/run/hyperd/netns".into(),
@@ -140,6 +143,11 @@ impl Config {
         if self.default_memory_mib < 32 {
             return Err(ConfigError::Invalid(
                 "default_memory_mib must be at least 32".into(),
+            ));
+        }
+        if self.boot_timeout_secs == 0 || self.agent_call_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "boot_timeout_secs and agent_call_timeout_secs must be at least 1".into(),
             ));
         }
         for p in &self.preload_images {

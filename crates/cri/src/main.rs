@@ -82,6 +82,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     mc.max_vcpus = config.max_vcpus;
     mc.spare_drives = config.spare_drives;
     mc.boot_timeout = Duration::from_secs(config.boot_timeout_secs);
+    mc.agent_call_timeout = Duration::from_secs(config.agent_call_timeout_secs);
     let sandboxes = sandbox::SandboxManager::new(mc).context("starting the sandbox manager")?;
     if !sandboxes.id_len_fits(cri::runtime::ID_LEN) {
         anyhow::bail!(

@@ -224,12 +224,15 @@ fn container_status_of(r: &ContainerRecord) -> cri::ContainerStatus {
         message: r.message.clone(),
         labels: to_hash(&r.labels),
         annotations: to_hash(&r.annotations),
+        // The CRI mounts as requested (their copies' guest paths are an implementation
+        // detail; the pod's own resolv.conf and hostname are not CRI mounts).
         mounts: r
             .mounts
             .iter()
+            .filter(|m| !m.host_path.is_empty())
             .map(|m| cri::Mount {
                 container_path: m.container_path.clone(),
-                host_path: m.guest_path.clone(),
+                host_path: m.host_path.clone(),
                 readonly: m.read_only,
                 ..Default::default()
             })
@@ -650,14 +653,16 @@ impl RuntimeService for Runtime {
         let files = config
             .mounts
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 if m.container_path.is_empty() || m.host_path.is_empty() {
                     return Err(Status::invalid_argument(
                         "a mount needs a container path and a host path",
                     ));
                 }
                 Ok(sandbox::FileToCopy {
-                    guest_relative_path: String::new(),
+                    // Each mount's copy in its own place of the container's file store.
+                    guest_relative_path: format!("mount{i}"),
                     host_source: m.host_path.clone().into(),
                     mode: None,
                     read_only: m.readonly,

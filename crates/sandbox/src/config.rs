@@ -40,6 +40,8 @@ pub struct ManagerConfig {
     pub spare_drives: u8,
     /// How long a VM may take from spawn to a serving agent.
     pub boot_timeout: Duration,
+    /// Deadline of an ordinary agent call (long polls get their wait on top).
+    pub agent_call_timeout: Duration,
     /// VMM logs and guest consoles, `<pod id>.vmm.log` and `<pod id>.console`.
     pub log_dir: PathBuf,
 }
@@ -59,6 +61,7 @@ impl ManagerConfig {
             max_vcpus: 8,
             spare_drives: 8,
             boot_timeout: Duration::from_secs(60),
+            agent_call_timeout: crate::lifecycle::CALL_TIMEOUT,
             log_dir: PathBuf::from("/var/log/hyperd/pods"),
         }
     }

@@ -224,6 +224,7 @@ impl Inner {
         if let Err(e) = store::remove(&self.layout.container_record(&pod.id, id)) {
             log::warn!("container {id}: {}", error_chain(&e));
         }
+        let _ = std::fs::remove_file(self.layout.log_cursor(&pod.id, id));
         self.release_drive(pod, drive);
     }
 
@@ -457,6 +458,7 @@ impl Inner {
         self.release_drive(&pod, drive);
         pod.data().containers.remove(id);
         store::remove(&self.layout.container_record(&pod.id, id))?;
+        let _ = std::fs::remove_file(self.layout.log_cursor(&pod.id, id));
         lock(&self.containers).remove(id);
         self.bus
             .publish(ContainerEvent::container(&pod.id, id, EventKind::Deleted));
@@ -661,6 +663,7 @@ fn copy_files(
             container_path: m.container_path,
             guest_path,
             read_only: m.read_only,
+            host_path: m.host_path,
         });
     }
     let pod_files = [
@@ -674,6 +677,7 @@ fn copy_files(
                     container_path: dest.into(),
                     guest_path: src.clone(),
                     read_only: false,
+                    host_path: String::new(),
                 });
             }
         }

@@ -46,6 +46,8 @@ pub struct PlannedMount {
     pub container_path: String,
     /// Read-only.
     pub read_only: bool,
+    /// The host file or directory it is a copy of.
+    pub host_path: String,
 }
 
 /// Everything to copy for one container.
@@ -245,6 +247,7 @@ pub fn plan(container: &str, files: &[FileToCopy]) -> Result<Plan> {
             store_path,
             container_path: f.container_path.clone(),
             read_only: f.read_only,
+            host_path: f.host_source.display().to_string(),
         });
     }
     Ok(plan)

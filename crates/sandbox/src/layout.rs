@@ -74,6 +74,11 @@ impl Layout {
         self.containers_dir(pod).join(format!("{container}.json"))
     }
 
+    /// Where a container's log forwarding stands (see `logs::LogWriter`).
+    pub fn log_cursor(&self, pod: &str, container: &str) -> PathBuf {
+        self.containers_dir(pod).join(format!("{container}.logpos"))
+    }
+
     /// The VMM's stdout and stderr.
     pub fn vmm_log(&self, pod: &str) -> PathBuf {
         self.log_dir.join(format!("{pod}.vmm.log"))

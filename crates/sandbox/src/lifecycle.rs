@@ -25,7 +25,7 @@ use crate::{error_chain, lock, now_nanos, store};
 
 /// How long one dial of the agent retries (the boot loop and reconnections).
 pub(crate) const AGENT_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Deadline of an ordinary agent call (guests in nested test VMs are slow).
+/// Default deadline of an ordinary agent call.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest gets to power off before the VMM is killed.
 pub(crate) const VM_STOP_GRACE: Duration = Duration::from_secs(2);
@@ -39,9 +39,9 @@ const GUEST_CID: u64 = 3;
 const REASON_STOPPED: &str = "Stopped";
 
 /// An agent client for a pod's VM.
-pub(crate) fn agent_client(vsock: PathBuf) -> ReconnectingClient {
+pub(crate) fn agent_client(vsock: PathBuf, call_timeout: Duration) -> ReconnectingClient {
     ReconnectingClient::vsock(vsock, protocol::DEFAULT_AGENT_PORT, AGENT_DIAL_TIMEOUT)
-        .with_timeout(CALL_TIMEOUT)
+        .with_timeout(call_timeout)
 }
 
 /// An exit as the agent reports it. Times are the host's: the guest's wall clock is not
@@ -141,7 +141,7 @@ impl Inner {
             netns.as_deref(),
         )?);
         log::info!("pod {id}: hyper-vmm pid {}", vmm.pid());
-        let client = agent_client(self.layout.vsock(id));
+        let client = agent_client(self.layout.vsock(id), self.cfg.agent_call_timeout);
         {
             let mut data = pod.data();
             data.vmm = Some(vmm.clone());

@@ -105,11 +105,48 @@ pub fn format_cri(timestamp: &str, stream: LogStream, chunk: &[u8], out: &mut Ve
 }
 
 /// A container's log file, shared by its two forwarders and reopened after log rotation.
+///
+/// With a cursor file, every write is followed by a record of how far each stream has been
+/// written and how long the log then was (24 bytes at offset 0 of `<container>.logpos`). The
+/// forwarders read with acknowledged reads from those offsets, so the agent keeps a chunk
+/// until a later read says it is stored. A host killed between writing a chunk and recording
+/// it leaves the log longer than recorded: the next open cuts that tail off and the chunk is
+/// read again. So no byte is lost or doubled, whatever moment hyperd dies at.
 pub struct LogWriter {
     path: PathBuf,
     file: Option<File>,
     last_sync: Instant,
     dirty: bool,
+    cursor: Option<Cursor>,
+}
+
+/// Where the log forwarding stands (see [`LogWriter`]).
+struct Cursor {
+    file: File,
+    path: PathBuf,
+    /// Stream offsets written to the log: stdout, stderr.
+    offsets: [u64; 2],
+    /// The log's length after the last recorded write.
+    log_len: u64,
+}
+
+impl Cursor {
+    const LEN: usize = 24;
+
+    fn store(&self) -> std::io::Result<()> {
+        let mut buf = [0u8; Self::LEN];
+        buf[..8].copy_from_slice(&self.offsets[0].to_le_bytes());
+        buf[8..16].copy_from_slice(&self.offsets[1].to_le_bytes());
+        buf[16..].copy_from_slice(&self.log_len.to_le_bytes());
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, 0)
+    }
+}
+
+fn stream_index(stream: LogStream) -> usize {
+    match stream {
+        LogStream::Stdout => 0,
+        LogStream::Stderr => 1,
+    }
 }
 
 fn open_log(path: &Path) -> Result<File> {
@@ -132,7 +169,76 @@ impl LogWriter {
             file: Some(open_log(path)?),
             last_sync: Instant::now(),
             dirty: false,
+            cursor: None,
         })
+    }
+
+    /// Opens the log file with the cursor at `cursor_path` (created when missing: a new
+    /// container starts at offset 0). A log longer than the cursor recorded ends with a chunk
+    /// whose write was never recorded: that tail is cut off, and [`LogWriter::offset`] says to
+    /// read it again. A log shorter than recorded was rotated or removed; it is kept.
+    pub fn open_with_cursor(path: &Path, cursor_path: &Path) -> Result<LogWriter> {
+        let mut w = LogWriter::open(path)?;
+        let cfile = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(cursor_path)
+            .map_err(SandboxError::io("opening log cursor", cursor_path))?;
+        let mut buf = [0u8; Cursor::LEN];
+        let stored = std::os::unix::fs::FileExt::read_exact_at(&cfile, &mut buf, 0).is_ok();
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        let log_len = w.len()?;
+        let mut cursor = Cursor {
+            file: cfile,
+            path: cursor_path.to_path_buf(),
+            offsets: [0, 0],
+            log_len,
+        };
+        if stored {
+            cursor.offsets = [word(0), word(1)];
+            let recorded = word(2);
+            if log_len > recorded {
+                log::info!(
+                    "{}: cutting {} bytes written after the last recorded position; they are read again",
+                    path.display(),
+                    log_len - recorded
+                );
+                if let Some(f) = w.file.as_ref() {
+                    f.set_len(recorded)
+                        .map_err(SandboxError::io("truncating log", path))?;
+                }
+                cursor.log_len = recorded;
+            }
+        }
+        cursor
+            .store()
+            .map_err(SandboxError::io("writing log cursor", cursor_path))?;
+        w.cursor = Some(cursor);
+        Ok(w)
+    }
+
+    /// The stream offset to read `stream` from: everything before it is in the log.
+    pub fn offset(&self, stream: LogStream) -> u64 {
+        self.cursor
+            .as_ref()
+            .map_or(0, |c| c.offsets[stream_index(stream)])
+    }
+
+    fn len(&self) -> Result<u64> {
+        match self.file.as_ref() {
+            Some(f) => Ok(f
+                .metadata()
+                .map_err(SandboxError::io("stat of log", &self.path))?
+                .len()),
+            None => Ok(0),
+        }
     }
 
     /// Appends one chunk of `stream`, timestamped now.
@@ -140,6 +246,26 @@ impl LogWriter {
         let mut buf = Vec::with_capacity(chunk.len() + 64);
         format_cri(&rfc3339_nano(crate::now_nanos()), stream, chunk, &mut buf);
         self.write_raw(&buf)
+    }
+
+    /// Appends the chunk of `stream` that ends at stream offset `end`, then records the
+    /// position in the cursor (when there is one).
+    pub fn write_chunk_at(&mut self, stream: LogStream, chunk: &[u8], end: u64) -> Result<()> {
+        self.write_chunk(stream, chunk)?;
+        self.advance(stream, end)
+    }
+
+    /// Records that `stream` is in the log up to `end` (bytes the agent dropped are skipped
+    /// this way too).
+    pub fn advance(&mut self, stream: LogStream, end: u64) -> Result<()> {
+        let log_len = self.len()?;
+        if let Some(c) = self.cursor.as_mut() {
+            c.offsets[stream_index(stream)] = end;
+            c.log_len = log_len;
+            c.store()
+                .map_err(SandboxError::io("writing log cursor", &c.path))?;
+        }
+        Ok(())
     }
 
     fn write_raw(&mut self, buf: &[u8]) -> Result<()> {
@@ -175,6 +301,12 @@ impl LogWriter {
         self.sync();
         self.file = None;
         self.file = Some(open_log(&self.path)?);
+        let log_len = self.len()?;
+        if let Some(c) = self.cursor.as_mut() {
+            c.log_len = log_len;
+            c.store()
+                .map_err(SandboxError::io("writing log cursor", &c.path))?;
+        }
         Ok(())
     }
 }
@@ -188,6 +320,10 @@ pub struct StreamChunk {
     pub eof: bool,
     /// Bytes the agent dropped so far (its buffer overflowed).
     pub dropped: u64,
+    /// Acknowledged read: the stream offset of `data[0]`.
+    pub offset: u64,
+    /// The agent honoured the acknowledged read (protocol 5); false: it consumed `data`.
+    pub acknowledged: bool,
 }
 
 /// Why a stream read failed.
@@ -252,33 +388,73 @@ impl Forwarders {
     }
 }
 
-/// The body of a forwarder thread: reads `stream` with `read` and appends to `writer` until
-/// EOF, until the container is gone, or until `fwd` or `shutdown` says stop.
+/// The body of a forwarder thread: reads `stream` with `read` (given the stream offset to read
+/// from, everything before it being in the log) and appends to `writer` until EOF, until the
+/// container is gone, or until `fwd` or `shutdown` says stop.
 pub fn forward(
     stream: LogStream,
     writer: &Mutex<LogWriter>,
     fwd: &Forwarders,
     shutdown: &AtomicBool,
-    mut read: impl FnMut() -> std::result::Result<StreamChunk, ReadFailure>,
+    mut read: impl FnMut(u64) -> std::result::Result<StreamChunk, ReadFailure>,
 ) {
+    let mut offset = lock(writer).offset(stream);
     let mut dropped = 0;
     let mut failures = 0u32;
     while !fwd.stopping() && !shutdown.load(Ordering::SeqCst) {
-        match read() {
+        match read(offset) {
             Ok(chunk) => {
                 failures = 0;
-                if !chunk.data.is_empty() {
-                    if let Err(e) = lock(writer).write_chunk(stream, &chunk.data) {
-                        log::warn!("{e}");
+                if chunk.acknowledged {
+                    // The agent is not trusted: data starting before `offset` overlaps what
+                    // the log has, and only its new part is written.
+                    let overlap = offset.saturating_sub(chunk.offset);
+                    let data = chunk
+                        .data
+                        .get(usize::try_from(overlap).unwrap_or(usize::MAX)..)
+                        .unwrap_or_default();
+                    let start = chunk.offset.max(offset);
+                    if start > offset {
+                        log::warn!(
+                            "{} lost {} bytes: the agent's buffer overflowed before they were read",
+                            stream.name(),
+                            start - offset
+                        );
                     }
-                }
-                if chunk.dropped > dropped {
-                    log::warn!(
-                        "{} lost {} bytes: the agent's buffer overflowed before they were read",
-                        stream.name(),
-                        chunk.dropped - dropped
-                    );
-                    dropped = chunk.dropped;
+                    let end = start.saturating_add(data.len() as u64);
+                    let stored = if data.is_empty() {
+                        if start > offset {
+                            lock(writer).advance(stream, end)
+                        } else {
+                            Ok(())
+                        }
+                    } else {
+                        lock(writer).write_chunk_at(stream, data, end)
+                    };
+                    match stored {
+                        Ok(()) => offset = end,
+                        // Not acknowledged: the agent keeps the chunk and it is read again.
+                        Err(e) => {
+                            log::warn!("{e}");
+                            std::thread::sleep(Duration::from_millis(200));
+                            continue;
+                        }
+                    }
+                } else {
+                    // An agent older than protocol 5 consumed the chunk.
+                    if !chunk.data.is_empty() {
+                        if let Err(e) = lock(writer).write_chunk(stream, &chunk.data) {
+                            log::warn!("{e}");
+                        }
+                    }
+                    if chunk.dropped > dropped {
+                        log::warn!(
+                            "{} lost {} bytes: the agent's buffer overflowed before they were read",
+                            stream.name(),
+                            chunk.dropped - dropped
+                        );
+                        dropped = chunk.dropped;
+                    }
                 }
                 if chunk.eof {
                     break;
@@ -360,11 +536,11 @@ mod tests {
             Ok(StreamChunk {
                 data: b"o\n".to_vec(),
                 eof: true,
-                dropped: 0,
+                ..StreamChunk::default()
             }),
         ]
         .into_iter();
-        forward(LogStream::Stdout, &writer, &fwd, &shutdown, || {
+        forward(LogStream::Stdout, &writer, &fwd, &shutdown, |_| {
             chunks.next().unwrap_or(Err(ReadFailure::Gone))
         });
         assert!(fwd.wait_drained(Duration::ZERO));
@@ -394,7 +570,7 @@ mod tests {
         let shutdown = AtomicBool::new(false);
         assert!(!fwd.wait_drained(Duration::from_millis(10)));
         let mut n = 0;
-        forward(LogStream::Stdout, &writer, &fwd, &shutdown, || {
+        forward(LogStream::Stdout, &writer, &fwd, &shutdown, |_| {
             n += 1;
             if n == 3 {
                 fwd.stop();
@@ -402,9 +578,117 @@ mod tests {
             Ok(StreamChunk::default())
         });
         assert_eq!(n, 3);
-        forward(LogStream::Stderr, &writer, &fwd, &shutdown, || {
+        forward(LogStream::Stderr, &writer, &fwd, &shutdown, |_| {
             Err(ReadFailure::Gone)
         });
         assert!(fwd.wait_drained(Duration::ZERO));
+    }
+
+    /// A fake agent stream for acknowledged reads: `content` written so far; reads return up
+    /// to 4 bytes from the requested offset; `log` records the offsets asked for.
+    fn acked_reader<'a>(
+        content: &'a [u8],
+        asked: &'a mut Vec<u64>,
+    ) -> impl FnMut(u64) -> std::result::Result<StreamChunk, ReadFailure> + 'a {
+        move |offset| {
+            asked.push(offset);
+            let start = (offset as usize).min(content.len());
+            let end = (start + 4).min(content.len());
+            Ok(StreamChunk {
+                data: content[start..end].to_vec(),
+                eof: start == content.len(),
+                offset: start as u64,
+                acknowledged: true,
+                ..StreamChunk::default()
+            })
+        }
+    }
+
+    fn messages(path: &Path) -> String {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| l.splitn(4, ' ').nth(3).unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join("|")
+    }
+
+    #[test]
+    fn cursor_resumes_without_loss_or_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, cursor) = (dir.path().join("c.log"), dir.path().join("c.logpos"));
+        let fwd = Forwarders::new(1);
+        let shutdown = AtomicBool::new(false);
+        let mut asked = Vec::new();
+        // A first hyperd forwards "aaaa\nbb" and stops (its reads acknowledge as they go).
+        {
+            let writer = Mutex::new(LogWriter::open_with_cursor(&path, &cursor).unwrap());
+            let mut read = acked_reader(b"aaaa\nbb", &mut asked);
+            let mut n = 0;
+            forward(LogStream::Stdout, &writer, &fwd, &shutdown, |o| {
+                n += 1;
+                if n == 3 {
+                    fwd.stop();
+                }
+                read(o)
+            });
+        }
+        assert_eq!(asked, [0, 4, 7]);
+        assert_eq!(messages(&path), "aaaa||bb");
+        // It died after writing a chunk but before recording it: simulate the write.
+        {
+            use std::io::Write;
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            f.write_all(b"2026-01-01T00:00:00Z stdout P cc\n").unwrap();
+        }
+        // The next hyperd cuts that tail, reads from offset 7 again, and the stream goes on.
+        let writer = Mutex::new(LogWriter::open_with_cursor(&path, &cursor).unwrap());
+        assert_eq!(writer.lock().unwrap().offset(LogStream::Stdout), 7);
+        assert_eq!(writer.lock().unwrap().offset(LogStream::Stderr), 0);
+        assert_eq!(messages(&path), "aaaa||bb");
+        let mut asked = Vec::new();
+        let fwd = Forwarders::new(1);
+        forward(
+            LogStream::Stdout,
+            &writer,
+            &fwd,
+            &shutdown,
+            acked_reader(b"aaaa\nbbcc\n", &mut asked),
+        );
+        assert_eq!(asked, [7, 10]);
+        assert_eq!(messages(&path), "aaaa||bb|cc");
+        assert!(fwd.wait_drained(Duration::ZERO));
+    }
+
+    #[test]
+    fn hostile_offsets_neither_repeat_nor_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let writer = Mutex::new(LogWriter::open_with_cursor(&path, &dir.path().join("p")).unwrap());
+        let fwd = Forwarders::new(1);
+        let shutdown = AtomicBool::new(false);
+        let mut replies = vec![
+            // Offset 0 again and again: only new bytes count.
+            (b"abc\n".to_vec(), 0, false),
+            (b"abc\nde\n".to_vec(), 0, false),
+            // A gap (dropped bytes) then data far ahead, then EOF.
+            (b"z\n".to_vec(), u64::MAX - 2, false),
+            (Vec::new(), u64::MAX, true),
+        ]
+        .into_iter();
+        let mut asked = Vec::new();
+        forward(LogStream::Stdout, &writer, &fwd, &shutdown, |o| {
+            asked.push(o);
+            let (data, offset, eof) = replies.next().ok_or(ReadFailure::Gone)?;
+            Ok(StreamChunk {
+                data,
+                offset,
+                eof,
+                acknowledged: true,
+                ..StreamChunk::default()
+            })
+        });
+        assert_eq!(asked, [0, 4, 7, u64::MAX]);
+        assert_eq!(messages(&path), "abc|de|z");
     }
 }

@@ -168,11 +168,13 @@ mod tests {
                 container_path: "/etc/hosts/".into(),
                 guest_path: "/run/files/c/c1/hosts".into(),
                 read_only: true,
+                host_path: "/var/lib/kubelet/hosts".into(),
             },
             GuestMount {
                 container_path: "/scratch".into(),
                 guest_path: String::new(),
                 read_only: false,
+                host_path: "/tmp/empty".into(),
             },
         ];
         let p = prepare(SPEC.as_bytes(), &ns(true), &mounts).unwrap();

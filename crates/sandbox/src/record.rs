@@ -197,6 +197,9 @@ pub struct GuestMount {
     pub guest_path: String,
     /// Mounted read-only.
     pub read_only: bool,
+    /// The host file or directory copied (CRI mounts); empty for the pod's own files.
+    #[serde(default)]
+    pub host_path: String,
 }
 
 /// A container's record (also what status and list calls return).

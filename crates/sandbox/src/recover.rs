@@ -205,7 +205,7 @@ impl Inner {
         report: &mut RecoveryReport,
     ) -> Result<()> {
         let vmm = Arc::new(vmm);
-        let agent = agent_client(self.layout.vsock(&pod.id));
+        let agent = agent_client(self.layout.vsock(&pod.id), self.cfg.agent_call_timeout);
         {
             let mut data = pod.data();
             data.vmm = Some(vmm.clone());

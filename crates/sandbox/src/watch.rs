@@ -206,7 +206,8 @@ impl Inner {
         let Some(path) = &rec.log_path else {
             return Ok(None);
         };
-        let writer = Arc::new(Mutex::new(LogWriter::open(path)?));
+        let cursor = self.layout.log_cursor(&rec.pod_id, &rec.id);
+        let writer = Arc::new(Mutex::new(LogWriter::open_with_cursor(path, &cursor)?));
         let streams: &[LogStream] = if rec.tty {
             &[LogStream::Stdout]
         } else {
@@ -223,13 +224,17 @@ impl Inner {
                     LogStream::Stdout => pb::Stream::STREAM_STDOUT,
                     LogStream::Stderr => pb::Stream::STREAM_STDERR,
                 };
-                forward(stream, &writer, &fwd, &inner.shutdown, || {
-                    // Not retried on a lost connection: ReadStream consumes what it returns.
-                    match agent.call_once(|c| c.read_stream(&cid, "", pb_stream, 0, POLL_WAIT)) {
+                forward(stream, &writer, &fwd, &inner.shutdown, |offset| {
+                    // Acknowledged reads: the agent keeps what it returns until a later read
+                    // says it is in the log, so a read may be repeated after a lost connection
+                    // (or by the next hyperd) without losing or doubling a byte.
+                    match agent.read_stream_from(&cid, "", pb_stream, offset, 0, POLL_WAIT) {
                         Ok(r) => Ok(StreamChunk {
                             data: r.data,
                             eof: r.eof,
                             dropped: r.dropped_bytes,
+                            offset: r.offset,
+                            acknowledged: r.acknowledged,
                         }),
                         Err(e) if is_not_found(&e) => Err(ReadFailure::Gone),
                         Err(e) => Err(ReadFailure::Retry(error_chain(&e))),
