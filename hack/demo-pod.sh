@@ -58,6 +58,7 @@ vmm = "$vmm"
 kernel = "$kernel"
 initrd = "$initrd"
 boot_timeout_secs = 180
+agent_call_timeout_secs = 120
 cni_conf_dir = "$dir/cni"
 cni_bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
 netns_dir = "$dir/netns"

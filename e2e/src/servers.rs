@@ -145,7 +145,12 @@ pub fn kill(pid: u32, signal: i32) {
 
 /// `GET /` from `ip:80` over HTTP/1.0: the body.
 pub fn http_get(ip: &str, timeout: Duration) -> std::io::Result<String> {
-    let addr = SocketAddr::new(ip.parse().map_err(std::io::Error::other)?, 80);
+    http_get_port(ip, 80, timeout)
+}
+
+/// `GET /` from `ip:port` over HTTP/1.0: the body.
+pub fn http_get_port(ip: &str, port: u16, timeout: Duration) -> std::io::Result<String> {
+    let addr = SocketAddr::new(ip.parse().map_err(std::io::Error::other)?, port);
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")?;
@@ -237,6 +242,8 @@ impl Drop for Registry {
 pub const HYPERD_BRIDGE: &str = "hyp-e2e0";
 /// Its subnet.
 pub const HYPERD_SUBNET: &str = "10.77.0.0/24";
+/// The bridge's address (the pods' gateway): a local address of the host.
+pub const HYPERD_GATEWAY: &str = "10.77.0.1";
 
 /// `hyperd` with everything under a private directory: socket, pod state, images, VM logs,
 /// network namespaces, a CNI conflist (bridge + host-local + portmap, loopback) using Debian's
@@ -295,7 +302,7 @@ impl Hyperd {
             format!(
                 "socket = {socket}\nstate_dir = {state}\nimage_dir = {images}\nvm_log_dir = {vmlogs}\n\
                  vmm = {vmm}\nkernel = {kernel}\ninitrd = {initrd}\n\
-                 default_memory_mib = 96\noverhead_memory_mib = 32\nboot_timeout_secs = 180\n\
+                 default_memory_mib = 96\noverhead_memory_mib = 32\nboot_timeout_secs = 180\nagent_call_timeout_secs = 120\n\
                  cni_conf_dir = {cni}\ncni_bin_dirs = [\"/usr/lib/cni\"]\n\
                  netns_dir = {netns}\nnetwork_state_dir = {net}\n\
                  insecure_registries = [\"{registry}\"]\n",
@@ -495,6 +502,21 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start() -> Containerd {
+        Self::start_with(&[])
+    }
+
+    /// A containerd that also runs `containerd-shim-hyper-v1` (`shim`) as the runtime
+    /// `io.containerd.hyper.v1` and the CRI runtime handler `hyper`, with the VMM, kernel and
+    /// initrd of `HYPERNETES_VMM`, `HYPERNETES_KERNEL` and `HYPERNETES_INITRD`; the shim's pod
+    /// state is under [`Containerd::hyper_state`], its disks under [`Containerd::hyper_disks`].
+    pub fn start_with_hyper_shim(shim: &Path) -> Containerd {
+        for var in ["HYPERNETES_VMM", "HYPERNETES_KERNEL", "HYPERNETES_INITRD"] {
+            artifact(var);
+        }
+        Self::start_with(&[("CONTAINERD_TEST_HYPER_SHIM", shim.as_os_str())])
+    }
+
+    fn start_with(env: &[(&str, &std::ffi::OsStr)]) -> Containerd {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -505,6 +527,7 @@ impl Containerd {
         let out = Command::new(hack("containerd-test.sh"))
             .arg("start")
             .arg(&guard.dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("cannot run hack/containerd-test.sh");
@@ -519,6 +542,47 @@ impl Containerd {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// `ctr` on this containerd, in CRI's namespace (where the test images are).
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(self.dir.join("containerd.sock"))
+            .args(["-n", "k8s.io"]);
+        c
+    }
+
+    /// Stops containerd (SIGTERM) and starts it again with the same configuration; its
+    /// containers and shims keep running.
+    pub fn restart(&self) {
+        let out = Command::new(hack("containerd-test.sh"))
+            .arg("restart")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run hack/containerd-test.sh");
+        assert!(
+            out.status.success(),
+            "hack/containerd-test.sh restart failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+    }
+
+    /// The hyper shim's pod state root (one directory per shim below it).
+    pub fn hyper_state(&self) -> PathBuf {
+        self.dir.join("hs")
+    }
+
+    /// The hyper shim's VMM logs and guest consoles (one directory per shim below it).
+    pub fn hyper_logs(&self) -> PathBuf {
+        self.dir.join("hs-log")
+    }
+
+    /// The hyper shim's rootfs disk cache.
+    pub fn hyper_disks(&self) -> PathBuf {
+        self.dir.join("hs-disks")
     }
 
     pub fn endpoint(&self) -> Endpoint {
