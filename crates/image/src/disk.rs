@@ -194,6 +194,46 @@ impl DiskCache {
         })
     }
 
+    /// Open (creating) a cache directory that several processes use at once (one
+    /// containerd shim per pod): another process's build in progress is left alone, so only
+    /// temporary files and trees older than `stale_after` (left by a crash) are removed, and
+    /// failing to remove one is not an error. Builds of one key in two processes both run;
+    /// the rename makes the last one win, whole.
+    pub fn open_shared(
+        dir: impl Into<PathBuf>,
+        stale_after: std::time::Duration,
+    ) -> Result<DiskCache, DiskError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let Ok(entry) = entry else { continue };
+            if !entry.file_name().to_string_lossy().starts_with(".tmp") {
+                continue;
+            }
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > stale_after);
+            if stale {
+                let p = entry.path();
+                let removed = if p.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                if let Err(e) = removed {
+                    log::warn!("removing stale {}: {e}", p.display());
+                }
+            }
+        }
+        Ok(DiskCache {
+            dir,
+            locks: Arc::default(),
+        })
+    }
+
     /// Where the disk for `key` lives.
     pub fn path_for(&self, key: &Digest) -> PathBuf {
         self.dir
@@ -417,6 +457,30 @@ mod tests {
         assert!(matches!(err, TestError::Unpack(UnpackError::DotDot(_))));
         assert!(cache.get(&key).is_none());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn shared_open_removes_only_stale_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = |d: &Path| {
+            let mut v: Vec<String> = fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // Another process's build in progress, and a finished disk.
+        fs::create_dir(dir.path().join(".tmp-tree-a")).unwrap();
+        fs::write(dir.path().join(".tmp-tree-a/f"), b"x").unwrap();
+        fs::write(dir.path().join(".tmp-disk-a"), b"x").unwrap();
+        fs::write(dir.path().join("sha256-00.ext4"), b"x").unwrap();
+        let all = names(dir.path());
+        DiskCache::open_shared(dir.path(), std::time::Duration::from_secs(3600)).unwrap();
+        assert_eq!(names(dir.path()), all, "fresh builds are left alone");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        DiskCache::open_shared(dir.path(), std::time::Duration::from_millis(10)).unwrap();
+        assert_eq!(names(dir.path()), vec!["sha256-00.ext4".to_string()]);
     }
 
     #[test]
