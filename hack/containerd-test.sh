@@ -10,6 +10,8 @@
 #   hack/containerd-test.sh stop DIR        kill every container of that containerd, containerd and its shims,
 #                                           unmount what is left under DIR (rootfs, netns), delete the bridge
 #                                           and DIR itself
+#   hack/containerd-test.sh restart DIR     stop containerd (SIGTERM) and start it again with the same configuration;
+#                                           containers and their shims keep running
 #   hack/containerd-test.sh image KIND OUT  write a docker-archive tarball (importable with
 #                                           `ctr -n k8s.io images import OUT`); KIND is busybox
 #                                           (docker.io/library/busybox:latest, CMD sh) or pause
@@ -20,6 +22,13 @@
 # no iptables rules; the bridge plugin does turn on net.ipv4.ip_forward). Two instances at once need their
 # own: set CONTAINERD_TEST_BRIDGE and CONTAINERD_TEST_SUBNET when starting the second. Cgroups: cgroupfs (SystemdCgroup =
 # false), so cgroup v1, hybrid and v2 hosts all work. Needs root.
+#
+# The hyper runtime (optional): with CONTAINERD_TEST_HYPER_SHIM=/path/to/containerd-shim-hyper-v1 at start, the
+# CRI plugin also gets the runtime handler `hyper` (runtime_type io.containerd.hyper.v1) and `ctr run --runtime
+# io.containerd.hyper.v1` works. The shim is linked into DIR/bin, which goes first on containerd's PATH; its
+# configuration is DIR/hyper-shim.toml (HYPER_SHIM_CONFIG in containerd's environment): the VMM, kernel and initrd
+# from HYPERNETES_VMM, HYPERNETES_KERNEL and HYPERNETES_INITRD, pod state under DIR/hs, VMM logs and consoles
+# under DIR/hs-log, rootfs disks under DIR/hs-disks. `stop` also kills the hyper-vmm processes of those pods.
 set -euo pipefail
 
 PROG=containerd-test.sh
@@ -32,6 +41,7 @@ PAUSE_IMAGE=localhost/hypernetes/pause:busybox
 BRIDGE=${CONTAINERD_TEST_BRIDGE:-cni-ctrd0}
 SUBNET=${CONTAINERD_TEST_SUBNET:-10.99.0.0/24}
 CNI_BIN=/usr/lib/cni
+HYPER_SHIM=${CONTAINERD_TEST_HYPER_SHIM:-}
 
 installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true) == "install ok installed" ]]; }
 
@@ -184,9 +194,68 @@ disabled_plugins = []
       conf_dir = "${DIR}/cni/net.d"
       max_conf_num = 1
 EOF
+    [[ -z $HYPER_SHIM ]] || write_hyper_config
+}
+
+# The hyper runtime: the shim on containerd's PATH, its configuration, the CRI runtime handler `hyper`.
+write_hyper_config() {
+    [[ -x $HYPER_SHIM ]] || die "CONTAINERD_TEST_HYPER_SHIM=$HYPER_SHIM is not an executable"
+    local var
+    for var in HYPERNETES_VMM HYPERNETES_KERNEL HYPERNETES_INITRD; do
+        [[ -n ${!var:-} && -f ${!var} ]] || die "the hyper runtime needs $var (a file), got '${!var:-}'"
+    done
+    mkdir -p "$DIR/bin"
+    ln -sf "$(realpath "$HYPER_SHIM")" "$DIR/bin/containerd-shim-hyper-v1"
+    cat >"$DIR/hyper-shim.toml" <<EOF
+vmm = "${HYPERNETES_VMM}"
+kernel = "${HYPERNETES_KERNEL}"
+initrd = "${HYPERNETES_INITRD}"
+state_dir = "${DIR}/hs"
+log_dir = "${DIR}/hs-log"
+disk_cache = "${DIR}/hs-disks"
+EOF
+    # Continues the CRI runtimes table written above.
+    cat >>"$DIR/config.toml" <<EOF
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.hyper]
+        runtime_type = "io.containerd.hyper.v1"
+EOF
 }
 
 alive() { [[ -f $DIR/containerd.pid ]] && kill -0 "$(cat "$DIR/containerd.pid")" 2>/dev/null; }
+
+# containerd itself, with the configuration under DIR; returns once it answers.
+launch() {
+    rm -f "$DIR/containerd.sock" "$DIR/containerd.sock.ttrpc"
+    # setsid: containerd and the shims it starts leave our process group, so a ^C in a test does not kill
+    # them before the stop path runs.
+    local env=()
+    [[ ! -f $DIR/hyper-shim.toml ]] || env=(env "PATH=$DIR/bin:$PATH" "HYPER_SHIM_CONFIG=$DIR/hyper-shim.toml")
+    setsid "${env[@]}" containerd --config "$DIR/config.toml" </dev/null >>"$DIR/containerd.log" 2>&1 &
+    echo $! >"$DIR/containerd.pid"
+    local i
+    for ((i = 0; i < 300; i++)); do
+        alive || { tail -n 30 "$DIR/containerd.log" >&2; die "containerd exited during start (log: $DIR/containerd.log)"; }
+        [[ -S $DIR/containerd.sock ]] && ctr --address "$DIR/containerd.sock" version >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    ((i < 300)) || die "containerd did not answer within 30 s (log: $DIR/containerd.log)"
+}
+
+# containerd stopped with SIGTERM and started again; containers and shims keep running.
+restart() {
+    DIR=$(cd "$DIR" && pwd)
+    alive || die "no containerd runs for $DIR"
+    local pid i
+    pid=$(cat "$DIR/containerd.pid")
+    kill -TERM "$pid"
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && die "containerd (pid $pid) did not stop within 10 s"
+    launch
+    note "containerd restarted (pid $(cat "$DIR/containerd.pid"))"
+}
 
 start() {
     [[ $(id -u) -eq 0 ]] || die "containerd needs root"
@@ -197,18 +266,8 @@ start() {
     ((${#DIR} + 20 < 108)) || die "DIR is too long for a Unix socket path: $DIR"
     write_config
     echo "$BRIDGE" >"$DIR/bridge"
-    rm -f "$DIR/containerd.sock" "$DIR/containerd.sock.ttrpc"
-    # setsid: containerd and the shims it starts leave our process group, so a ^C in a test does not kill
-    # them before the stop path runs.
-    setsid containerd --config "$DIR/config.toml" </dev/null >"$DIR/containerd.log" 2>&1 &
-    echo $! >"$DIR/containerd.pid"
-    local i
-    for ((i = 0; i < 300; i++)); do
-        alive || { tail -n 30 "$DIR/containerd.log" >&2; die "containerd exited during start (log: $DIR/containerd.log)"; }
-        [[ -S $DIR/containerd.sock ]] && ctr --address "$DIR/containerd.sock" version >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    ((i < 300)) || die "containerd did not answer within 30 s (log: $DIR/containerd.log)"
+    : >"$DIR/containerd.log"
+    launch
     import_image pause
     import_image busybox
     note "containerd (pid $(cat "$DIR/containerd.pid")) listening on unix://$DIR/containerd.sock"
@@ -220,6 +279,17 @@ shim_pids() {
     for p in /proc/[0-9]*; do
         cmdline=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline") || continue
         [[ $cmdline == *containerd-shim*" $DIR/containerd.sock "* ]] && echo "${p#/proc/}"
+    done
+    return 0
+}
+
+# pids of hyper-vmm processes whose configuration is under DIR/hs (the hyper runtime's pods)
+hyper_vmm_pids() {
+    local p cmdline
+    [[ -d $DIR/hs ]] || return 0
+    for p in /proc/[0-9]*; do
+        cmdline=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline") || continue
+        [[ $cmdline == *hyper-vmm*" $DIR/hs/"* ]] && echo "${p#/proc/}"
     done
     return 0
 }
@@ -246,9 +316,9 @@ stop() {
         done
         kill -KILL "$pid" 2>/dev/null || true
     fi
-    # 3. its shims (they outlive containerd by design)
+    # 3. its shims (they outlive containerd by design), and the VMMs of hyper pods (they outlive their shim)
     local s
-    for s in $(shim_pids); do
+    for s in $(shim_pids) $(hyper_vmm_pids); do
         kill -KILL "$s" 2>/dev/null || true
     done
     # 4. mounts left under DIR: container rootfs overlays, shm, network namespaces; deepest first
@@ -278,6 +348,11 @@ image)
     [[ $# -eq 3 ]] || die "usage: $0 image busybox|pause OUT.tar"
     build_image "$2" "$3"
     ;;
+restart)
+    [[ $# -eq 2 ]] || die "usage: $0 restart DIR"
+    DIR=$2
+    restart
+    ;;
 import)
     [[ $# -eq 3 ]] || die "usage: $0 import DIR busybox|pause"
     DIR=$(cd "$2" && pwd)
@@ -293,7 +368,7 @@ start)
     [[ -n $cmd ]] || exit 2
     ;;
 *)
-    [[ $# -eq 1 ]] || die "usage: $0 [start] DIR | stop DIR | image KIND OUT | import DIR KIND"
+    [[ $# -eq 1 ]] || die "usage: $0 [start] DIR | stop DIR | restart DIR | image KIND OUT | import DIR KIND"
     DIR=$1
     start
     ;;

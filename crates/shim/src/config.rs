@@ -38,9 +38,9 @@ pub struct ShimConfig {
 impl Default for ShimConfig {
     fn default() -> Self {
         ShimConfig {
-            vmm: PathBuf::from("/usr/local/bin/hyper-vmm"),
-            kernel: PathBuf::from("/usr/local/share/hypernetes/vmlinuz"),
-            initrd: PathBuf::from("/usr/local/share/hypernetes/initrd.img"),
+            vmm: PathBuf::from("/usr/local/lib/hypernetes/hyper-vmm"),
+            kernel: PathBuf::from("/usr/local/lib/hypernetes/vmlinux"),
+            initrd: PathBuf::from("/usr/local/lib/hypernetes/initrd.img"),
             state_dir: PathBuf::from("/run/hypershim"),
             log_dir: PathBuf::from("/var/log/hypershim"),
             disk_cache: PathBuf::from("/var/lib/hypershim/disks"),

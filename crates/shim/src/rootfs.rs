@@ -186,6 +186,40 @@ mod tests {
     }
 
     #[test]
+    fn merges_layers_with_whiteouts() {
+        // Needs root (mknod, mount) and overlayfs; skipped where they are missing.
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let bottom = tempfile::tempdir().unwrap();
+        let top = tempfile::tempdir().unwrap();
+        std::fs::write(bottom.path().join("kept"), b"bottom").unwrap();
+        std::fs::write(bottom.path().join("gone"), b"bottom").unwrap();
+        std::fs::write(bottom.path().join("changed"), b"bottom").unwrap();
+        std::fs::write(top.path().join("changed"), b"top").unwrap();
+        // An overlayfs whiteout: a 0:0 character device.
+        nix::sys::stat::mknod(
+            &top.path().join("gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            0,
+        )
+        .unwrap();
+        let tree = tempfile::tempdir().unwrap();
+        match fill(
+            tree.path(),
+            &[top.path().to_path_buf(), bottom.path().to_path_buf()],
+        ) {
+            Err(ShimError::Rootfs(m)) if m.contains("mounting") => return,
+            r => r.unwrap(),
+        }
+        let read = |n: &str| std::fs::read(tree.path().join(n)).ok();
+        assert_eq!(read("kept").as_deref(), Some(&b"bottom"[..]));
+        assert_eq!(read("changed").as_deref(), Some(&b"top"[..]));
+        assert!(!tree.path().join("gone").exists(), "the whiteout hides it");
+    }
+
+    #[test]
     fn builds_a_cached_disk_from_one_layer() {
         if Command::new("mkfs.ext4").arg("-V").output().is_err() {
             return;

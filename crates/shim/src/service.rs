@@ -31,8 +31,11 @@ use crate::rootfs;
 use crate::stdio::{self, StdioPaths};
 use crate::task::{Exit, Kind, Proc, Status, Task, SANDBOX_ID};
 
-/// How long an exit waits for its output copies.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(3);
+/// How long an exit waits for its output copies (they end at the streams' EOF, right after
+/// the exit unless the FIFO's reader is slow).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(10);
+/// A disk build older than this in the shared cache was left by a crash.
+const STALE_BUILD: Duration = Duration::from_secs(3600);
 /// Exit status of a process whose VM went away.
 const VM_GONE_STATUS: u32 = 255;
 
@@ -67,6 +70,8 @@ struct Inner {
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
+    /// One agent connection per pod, shared by every call and stream copy.
+    agents: Mutex<HashMap<String, ReconnectingClient>>,
     rt: tokio::runtime::Handle,
 }
 
@@ -94,7 +99,8 @@ impl Service {
                 mc.default_memory_mib = cfg.default_memory_mib;
                 mc.default_vcpus = cfg.default_vcpus;
                 let mgr = SandboxManager::new(mc)?;
-                let disks = DiskCache::open(&cfg.disk_cache)?;
+                // Every pod's shim shares the cache: keep other shims' builds in progress.
+                let disks = DiskCache::open_shared(&cfg.disk_cache, STALE_BUILD)?;
                 Ok(Backend {
                     mgr,
                     layout: Layout::new(&state_root, &log_dir),
@@ -111,6 +117,7 @@ impl Service {
             publisher: Arc::new(publisher),
             exit,
             tasks: Mutex::new(HashMap::new()),
+            agents: Mutex::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
         });
         if let Ok(b) = &inner.backend {
@@ -153,11 +160,15 @@ impl Inner {
 
     fn agent(&self, pod_id: &str) -> Result<ReconnectingClient, ShimError> {
         let b = self.backend()?;
-        Ok(ReconnectingClient::vsock(
-            b.layout.vsock(pod_id),
-            protocol::DEFAULT_AGENT_PORT,
-            Duration::from_secs(5),
-        ))
+        let mut agents = lock(&self.agents);
+        let client = agents.entry(pod_id.to_owned()).or_insert_with(|| {
+            ReconnectingClient::vsock(
+                b.layout.vsock(pod_id),
+                protocol::DEFAULT_AGENT_PORT,
+                Duration::from_secs(5),
+            )
+        });
+        Ok(client.clone())
     }
 
     fn vmm_pid(&self, pod_id: &str) -> u32 {
@@ -579,6 +590,9 @@ impl Inner {
                     network::existing_netns::detach_tap(ns);
                 }
             }
+        }
+        if t.kind != Kind::Container {
+            lock(&self.agents).remove(&t.pod_id);
         }
         lock(&self.tasks).remove(id);
         let exit = t.init.exited().unwrap_or(unknown);

@@ -77,10 +77,17 @@ fn copy_out(
         }
     };
     let mut failures = 0u32;
+    // Acknowledged reads: the agent keeps the bytes from `offset` on until a later read says
+    // they were written, so a call lost with its connection is simply repeated.
+    let mut offset = 0u64;
     loop {
-        match agent.call_once(|c| c.read_stream(container, exec_id, stream, 0, POLL)) {
+        match agent.read_stream_from(container, exec_id, stream, offset, 0, POLL) {
             Ok(r) => {
                 failures = 0;
+                if r.acknowledged {
+                    let len = u64::try_from(r.data.len()).unwrap_or(u64::MAX);
+                    offset = r.offset.saturating_add(len);
+                }
                 if !r.data.is_empty() && fifo.write_all(&r.data).is_err() {
                     // The reader went away: keep draining so the guest buffer does not stall.
                     log::debug!("{container}/{exec_id}: {path} reader gone");
