@@ -5,7 +5,7 @@ CARGO ?= cargo
 BUILD ?= $(CURDIR)/build
 export HYPERNETES_BUILD := $(BUILD)
 
-.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench container-bench cri-bench clean
+.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench container-bench cri-bench shim-bench install-node clean
 
 all: build
 
@@ -61,6 +61,16 @@ container-bench: setup guest
 # plus host memory per idle pod. CRI_BENCH_PODS (20), CRI_BENCH_PARALLEL (4), CRI_BENCH_IDLE (5).
 cri-bench: setup guest
 	hack/cri-bench.sh
+
+# Pod start through containerd's CRI: runtime handler hyper (containerd-shim-hyper-v1) against
+# runc, same containerd, same KVM test-VM boot; plus the shim's and VMM's memory per idle pod.
+shim-bench: setup guest
+	CRI_BENCH_MODE=shim hack/cri-bench.sh
+
+# Install the shim, the VMM, the guest kernel and initramfs on this node and add runtime
+# handler hyper to containerd's configuration (hack/install-node.sh --help).
+install-node:
+	hack/install-node.sh
 
 clean:
 	$(CARGO) clean

@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 kernel=$(hack/build-guest-kernel.sh | tail -n 1)
 initrd=$(hack/build-initrd.sh | tail -n 1)
 vmm=$(hack/build-vmm.sh | tail -n 1)
-# tests/hyperd.rs drives the CRI server binary.
-cargo build --release -q -p cri --bin hyperd
+# tests/hyperd.rs drives the CRI server binary, tests/shim.rs the containerd shim.
+cargo build --release -q -p cri --bin hyperd -p shim --bin containerd-shim-hyper-v1
 # The e2e harness binary; cargo prints "Executable tests/x.rs (target/release/deps/x-hash)".
 mapfile -t bins < <(cargo test --release -p e2e --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')
 # The agent's cgroup tests need cgroup v2 controllers, which only the test VM has (they are
@@ -23,6 +23,7 @@ export HYPERNETES_KERNEL="$kernel"
 export HYPERNETES_INITRD="$initrd"
 export HYPERNETES_VMM="$vmm"
 export HYPERNETES_HYPERD="$PWD/target/release/hyperd"
+export HYPERNETES_SHIM="$PWD/target/release/containerd-shim-hyper-v1"
 export RUST_BACKTRACE=1
 
 # One test-VM boot runs all binaries in sequence; a failing binary fails the run.

@@ -1,6 +1,11 @@
 //! `make cri-bench`: pod start latency through CRI, hyperd against containerd + runc, in the
 //! same run (one boot of the KVM test VM), plus hyperd's host memory per idle pod.
 //!
+//! `make shim-bench` (`CRI_BENCH_MODE=shim`): one containerd with both runtime handlers, pods
+//! of handler `hyper` (containerd-shim-hyper-v1, a VM each) against runc pods, and the host
+//! memory of an idle `hyper` pod (its shim and its hyper-vmm). Last line
+//! `pod_start_ms containerd-hyper=<p50> containerd-runc=<p50> ratio=<hyper/runc>`.
+//!
 //! - Both servers get the same busybox image from a local registry (pulled before timing).
 //! - `hyperctl bench --pods N --parallel P` against each: RunPodSandbox + CreateContainer +
 //!   StartContainer timed per pod (`pod_start`), then stop and remove.
@@ -48,13 +53,16 @@ fn hyperctl(endpoint: &str, args: &[&str]) -> String {
     stdout
 }
 
-/// `hyperctl bench`; prints its table and returns the p50 of pod_start.
-fn bench(endpoint: &str, label: &str, image: &str, log_root: &Path) -> f64 {
+/// `hyperctl bench` (pods of runtime handler `handler`, "" for the default); prints its table
+/// and returns the p50 of pod_start.
+fn bench(endpoint: &str, label: &str, image: &str, log_root: &Path, handler: &str) -> f64 {
     let pods = env_usize("CRI_BENCH_PODS", 20).to_string();
     let parallel = env_usize("CRI_BENCH_PARALLEL", 4).to_string();
     let out = hyperctl(
         endpoint,
         &[
+            "--runtime",
+            handler,
             "bench",
             "--pods",
             &pods,
@@ -75,14 +83,24 @@ fn bench(endpoint: &str, label: &str, image: &str, log_root: &Path) -> f64 {
         .unwrap_or_else(|| panic!("no pod_start_ms line from hyperctl bench: {last:?}"))
 }
 
-/// Starts `n` idle pods (a `sleep` container each) and returns their ids.
-fn idle_pods(endpoint: &str, n: usize, image: &str, log_root: &Path, tag: &str) -> Vec<String> {
+/// Starts `n` idle pods (a `sleep` container each, runtime handler `handler`) and returns
+/// their ids.
+fn idle_pods(
+    endpoint: &str,
+    n: usize,
+    image: &str,
+    log_root: &Path,
+    tag: &str,
+    handler: &str,
+) -> Vec<String> {
     let mut names = Vec::new();
     for i in 0..n {
         let name = format!("idle-{tag}-{i}");
         hyperctl(
             endpoint,
             &[
+                "--runtime",
+                handler,
                 "run",
                 "-d",
                 "--name",
@@ -160,6 +178,9 @@ fn mib(kib: u64) -> f64 {
 }
 
 fn main() {
+    if std::env::var("CRI_BENCH_MODE").as_deref() == Ok("shim") {
+        return shim_main();
+    }
     let registry = Registry::start();
     let image = registry.image("busybox");
     let logs = TempDir::new("cri-bench-logs");
@@ -175,13 +196,13 @@ fn main() {
     }
 
     println!("== hyperd ({h_ep})");
-    let h = bench(&h_ep, "hyperd", &image, logs.path());
+    let h = bench(&h_ep, "hyperd", &image, logs.path(), "");
     println!("== containerd + runc ({c_ep})");
-    let c = bench(&c_ep, "containerd-runc", &image, logs.path());
+    let c = bench(&c_ep, "containerd-runc", &image, logs.path(), "");
 
     // Memory of idle pods.
     let settle = Duration::from_secs(10);
-    let ids = idle_pods(&h_ep, idle, &image, logs.path(), "h");
+    let ids = idle_pods(&h_ep, idle, &image, logs.path(), "h", "");
     std::thread::sleep(settle);
     let vmm_kib: Vec<u64> = ids
         .iter()
@@ -203,7 +224,7 @@ fn main() {
     );
     remove_pods(&h_ep, &ids);
 
-    let ids_c = idle_pods(&c_ep, idle, &image, logs.path(), "c");
+    let ids_c = idle_pods(&c_ep, idle, &image, logs.path(), "c", "");
     std::thread::sleep(settle);
     let shims: Vec<u32> = ids_c
         .iter()
@@ -234,6 +255,73 @@ fn main() {
     );
     println!(
         "pod_start_ms hyperd={h:.1} containerd-runc={c:.1} ratio={:.2}",
+        h / c
+    );
+}
+
+/// `make shim-bench`: containerd with handler `hyper` against the same containerd with runc.
+fn shim_main() {
+    let registry = Registry::start();
+    let image = registry.image("busybox");
+    let logs = TempDir::new("shim-bench-logs");
+    let idle = env_usize("CRI_BENCH_IDLE", 5);
+    let containerd = Containerd::start_with_hyper_shim(&artifact("HYPERNETES_SHIM"));
+    let ep = containerd.endpoint().to_string();
+    hyperctl(&ep, &["pull", &image]);
+
+    println!("== containerd, runtime handler hyper ({ep})");
+    let h = bench(&ep, "containerd-hyper", &image, logs.path(), "hyper");
+    println!("== containerd, runc ({ep})");
+    let c = bench(&ep, "containerd-runc", &image, logs.path(), "");
+
+    // Memory of idle hyper pods: each has one shim and one hyper-vmm.
+    let ids = idle_pods(&ep, idle, &image, logs.path(), "h", "hyper");
+    std::thread::sleep(Duration::from_secs(10));
+    let shims: Vec<u64> = processes_mentioning("containerd-shim-hyper-v1")
+        .into_iter()
+        .filter_map(|(pid, _)| rss_kib(pid))
+        .collect();
+    let state = containerd.hyper_state().display().to_string();
+    let vmms: Vec<u64> = processes_mentioning(&state)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("hyper-vmm"))
+        .filter_map(|(pid, _)| rss_kib(pid))
+        .collect();
+    assert_eq!(vmms.len(), ids.len(), "not one hyper-vmm per idle pod");
+    assert_eq!(shims.len(), ids.len(), "not one shim per idle pod");
+    let (shim_total, vmm_total): (u64, u64) = (shims.iter().sum(), vmms.iter().sum());
+    println!(
+        "containerd-hyper: {} idle pods: shim VmRSS {:.1} MiB each ({:.1} in all), hyper-vmm VmRSS {:.1} MiB each",
+        ids.len(),
+        mib(shim_total) / ids.len() as f64,
+        mib(shim_total),
+        mib(vmm_total) / ids.len() as f64,
+    );
+    remove_pods(&ep, &ids);
+    let ids_c = idle_pods(&ep, idle, &image, logs.path(), "c", "");
+    std::thread::sleep(Duration::from_secs(10));
+    let runc_shims: Vec<u32> = ids_c
+        .iter()
+        .flat_map(|id| processes_mentioning(&format!("-id {id}")))
+        .map(|(pid, _)| pid)
+        .collect();
+    let runc_kib: u64 = with_descendants(&runc_shims)
+        .into_iter()
+        .filter_map(rss_kib)
+        .sum();
+    println!(
+        "containerd-runc: {} idle pods: shims with their children VmRSS {:.1} MiB each",
+        ids_c.len(),
+        mib(runc_kib) / ids_c.len().max(1) as f64
+    );
+    remove_pods(&ep, &ids_c);
+    println!(
+        "idle_pod_host_mib containerd-hyper={:.1} containerd-runc={:.1} (shim + VMM, or runc shim tree; containerd itself not counted)",
+        mib(shim_total + vmm_total) / ids.len() as f64,
+        mib(runc_kib) / ids_c.len().max(1) as f64
+    );
+    println!(
+        "pod_start_ms containerd-hyper={h:.1} containerd-runc={c:.1} ratio={:.2}",
         h / c
     );
 }
