@@ -17,8 +17,8 @@ use ctl::logfmt::{LogDecoder, Record, Stream};
 use ctl::spec::{prepare_log_dirs, ContainerSpec, PodSpec};
 use ctl::{Cri, CtlError};
 use e2e::servers::{
-    block, http_get, http_get_port, kill, Containerd, Hyperd, Registry, HYPERD_BRIDGE,
-    HYPERD_GATEWAY,
+    block, http_get, http_get_port, kill, processes_mentioning, Containerd, Hyperd, Registry,
+    HYPERD_BRIDGE, HYPERD_GATEWAY,
 };
 use e2e::{eventually, TempDir};
 use tonic::Code;
@@ -32,7 +32,10 @@ const EXITED: i32 = cri::ContainerState::ContainerExited as i32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flavour {
     Hyperd,
+    /// containerd + runc.
     Containerd,
+    /// containerd with runtime handler `hyper` (containerd-shim-hyper-v1).
+    ContainerdHyper,
 }
 
 /// The server under test, with what the scenario needs beyond its CRI endpoint: the hyperd
@@ -43,6 +46,8 @@ enum Flavour {
 /// the enum was moved, three runs out of three, and the containerd scenario ran as hyperd's.
 struct Server {
     flavour: Flavour,
+    /// The RuntimeClass handler of every pod.
+    handler: &'static str,
     hyperd: Option<Box<Hyperd>>,
     containerd: Option<Box<Containerd>>,
 }
@@ -51,6 +56,7 @@ impl Server {
     fn hyperd(h: Hyperd) -> Server {
         Server {
             flavour: Flavour::Hyperd,
+            handler: "",
             hyperd: Some(Box::new(h)),
             containerd: None,
         }
@@ -59,6 +65,17 @@ impl Server {
     fn containerd(c: Containerd) -> Server {
         Server {
             flavour: Flavour::Containerd,
+            handler: "",
+            hyperd: None,
+            containerd: Some(Box::new(c)),
+        }
+    }
+
+    /// containerd whose pods all use the runtime handler `hyper`.
+    fn containerd_hyper(c: Containerd) -> Server {
+        Server {
+            flavour: Flavour::ContainerdHyper,
+            handler: "hyper",
             hyperd: None,
             containerd: Some(Box::new(c)),
         }
@@ -163,7 +180,8 @@ impl Ctx {
     fn run_pod(&self, pod: &PodSpec) -> String {
         let cri = self.cri.clone();
         let config = pod.config();
-        block(async move { cri.run_pod_sandbox(config, "").await })
+        let handler = self.server.handler;
+        block(async move { cri.run_pod_sandbox(config, handler).await })
             .unwrap_or_else(|e| panic!("RunPodSandbox {}: {e}\n{}", pod.name, self.diag(None)))
     }
 
@@ -375,7 +393,8 @@ fn start_web_pod(ctx: &mut Ctx) -> WebPod {
     }
     let id = ctx.timed("RunPodSandbox (web)", |c| {
         let cri = c.cri.clone();
-        block(async move { cri.run_pod_sandbox(config, "").await })
+        let handler = c.server.handler;
+        block(async move { cri.run_pod_sandbox(config, handler).await })
             .unwrap_or_else(|e| panic!("RunPodSandbox web: {e}\n{}", c.diag(None)))
     });
     let st = ctx.pod_status(&id);
@@ -511,18 +530,21 @@ fn images_and_bad_requests(ctx: &mut Ctx) {
     let cri = ctx.cri.clone();
     let mut nameless = ctx.pod("x").config();
     nameless.metadata.as_mut().unwrap().name.clear();
-    let r = block(async move { cri.run_pod_sandbox(nameless, "").await });
+    let handler = ctx.server.handler;
+    let r = block(async move { cri.run_pod_sandbox(nameless, handler).await });
     match (ctx.flavour(), r) {
         (Flavour::Hyperd, r) => assert_eq!(
             code_of("RunPodSandbox without a name", r),
             Code::InvalidArgument
         ),
         // containerd 1.6 does not validate the name: it runs the pod.
-        (Flavour::Containerd, Ok(id)) => {
+        (Flavour::Containerd | Flavour::ContainerdHyper, Ok(id)) => {
             eprintln!("containerd ran a pod without a name");
             ctx.stop_and_remove(&id);
         }
-        (Flavour::Containerd, Err(e)) => eprintln!("containerd refused a nameless pod: {e}"),
+        (Flavour::Containerd | Flavour::ContainerdHyper, Err(e)) => {
+            eprintln!("containerd refused a nameless pod: {e}")
+        }
     }
     let cri = ctx.cri.clone();
     let codes = block(async move {
@@ -569,7 +591,7 @@ fn images_and_bad_requests(ctx: &mut Ctx) {
         // containerd 1.6 passes the parser's error through unmapped: gRPC Unknown.
         let want = match ctx.flavour() {
             Flavour::Hyperd => Code::InvalidArgument,
-            Flavour::Containerd => Code::Unknown,
+            Flavour::Containerd | Flavour::ContainerdHyper => Code::Unknown,
         };
         assert_eq!(code, want, "PullImage {bad:?}");
     }
@@ -579,13 +601,14 @@ fn images_and_bad_requests(ctx: &mut Ctx) {
 fn pod_bad_requests(ctx: &Ctx, web: &WebPod) {
     let cri = ctx.cri.clone();
     let config = web.spec.config();
-    let r = block(async move { cri.run_pod_sandbox(config, "").await });
+    let handler = ctx.server.handler;
+    let r = block(async move { cri.run_pod_sandbox(config, handler).await });
     let code = code_of("a second RunPodSandbox with the same metadata", r);
     match ctx.flavour() {
         Flavour::Hyperd => assert_eq!(code, Code::AlreadyExists),
         // containerd 1.6 reserves the name and reports a taken one as a plain error
         // ("failed to reserve sandbox name ...: name is reserved"): gRPC Unknown.
-        Flavour::Containerd => assert_eq!(code, Code::Unknown),
+        Flavour::Containerd | Flavour::ContainerdHyper => assert_eq!(code, Code::Unknown),
     }
     let mut c = ctx.container("ghost", &["true"]);
     c.image = format!("{}/library/nothere:latest", ctx.registry);
@@ -735,6 +758,17 @@ fn mount_checks(ctx: &Ctx, web: &WebPod) {
         ),
         Flavour::Containerd => {
             let big_id = r.expect("containerd bind-mounts any size");
+            let cri = ctx.cri.clone();
+            block(async move { cri.remove_container(&big_id).await }).expect("RemoveContainer");
+        }
+        // containerd's CreateContainer only records the container; the shim copies the
+        // mounts into the guest when the task is created, at StartContainer, which must fail.
+        Flavour::ContainerdHyper => {
+            let big_id = r.expect("CreateContainer (containerd records it)");
+            let cri = ctx.cri.clone();
+            let id2 = big_id.clone();
+            let started = block(async move { cri.start_container(&id2).await });
+            code_of("StartContainer with a 17 MiB file mount (hyper)", started);
             let cri = ctx.cri.clone();
             block(async move { cri.remove_container(&big_id).await }).expect("RemoveContainer");
         }
@@ -1035,6 +1069,17 @@ fn scenario(mut server: Server, registry: &Registry) {
         "ip -o link show master {bridge} 2>/dev/null || true"
     ));
     assert!(veths.trim().is_empty(), "ports left on {bridge}: {veths}");
+    if let (Flavour::ContainerdHyper, Some(c)) = (flavour, ctx.server.containerd.as_ref()) {
+        let state = c.hyper_state().display().to_string();
+        let left = eventually(Duration::from_secs(30), || {
+            processes_mentioning(&state).is_empty().then_some(())
+        });
+        assert!(
+            left.is_some(),
+            "VMMs left: {:?}",
+            processes_mentioning(&state)
+        );
+    }
 
     eprintln!("[{flavour:?}] scenario: {:.2?}", t0.elapsed());
     for (what, d) in &ctx.timings {
@@ -1055,6 +1100,17 @@ fn hyperd_cri_end_to_end() {
     let registry = Registry::start();
     let hyperd = Hyperd::start(&registry.addr);
     scenario(Server::hyperd(hyperd), &registry);
+}
+
+/// The same scenario through containerd's CRI with runtime handler `hyper`: every pod a VM
+/// under containerd-shim-hyper-v1 (`HYPERNETES_SHIM`), in the KVM test VM.
+#[test]
+#[ignore = "boots guests: run through hack/run-e2e.sh"]
+fn containerd_hyper_cri_end_to_end() {
+    require_root();
+    let registry = Registry::start();
+    let containerd = Containerd::start_with_hyper_shim(&e2e::artifact("HYPERNETES_SHIM"));
+    scenario(Server::containerd_hyper(containerd), &registry);
 }
 
 /// The reference run. It runs on the host (`make unit` runs it with `--ignored`), not in the KVM
