@@ -818,17 +818,13 @@ impl Containers {
                 let oom_killed = status == ExitStatus::Signaled(libc::SIGKILL)
                     && memory_events.is_some_and(|p| oom_kills(&p) > 0);
                 let started = weak.upgrade().map_or(0, |p| *lock(&p.started_at));
-                *lock(&exit.info) = Some(ExitInfo {
-                    status,
-                    oom_killed,
-                    started_at_unix_nanos: started,
-                    finished_at_unix_nanos: unix_nanos(),
-                });
-                exit.done.notify_all();
+                let finished = unix_nanos();
                 let (exit_code, signal) = match status {
                     ExitStatus::Exited(c) => (c, 0),
                     ExitStatus::Signaled(s) => (0, s),
                 };
+                // The event first: a waiter released below may remove the container at once,
+                // and its REMOVED event must come after this EXITED.
                 events.publish(
                     EventKind::Exited {
                         exit_code,
@@ -839,6 +835,13 @@ impl Containers {
                     &eid,
                     pid,
                 );
+                *lock(&exit.info) = Some(ExitInfo {
+                    status,
+                    oom_killed,
+                    started_at_unix_nanos: started,
+                    finished_at_unix_nanos: finished,
+                });
+                exit.done.notify_all();
             });
         spawned.map(drop).map_err(|e| {
             // Without a waiter nobody would ever learn of the exit; kill the child now (the
