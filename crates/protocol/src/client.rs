@@ -519,12 +519,29 @@ impl AgentClient {
         max_bytes: u32,
         wait: Duration,
     ) -> Result<agent::ReadStreamResponse, RpcError> {
+        self.read_stream_with(container_id, exec_id, stream, max_bytes, wait, None)
+    }
+
+    /// ReadStream; `offset` makes it an acknowledged read.
+    fn read_stream_with(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: agent::Stream,
+        max_bytes: u32,
+        wait: Duration,
+        offset: Option<u64>,
+    ) -> Result<agent::ReadStreamResponse, RpcError> {
         let mut req = agent::ReadStreamRequest::new();
         req.container_id = container_id.to_owned();
         req.exec_id = exec_id.to_owned();
         req.stream = stream.into();
         req.max_bytes = max_bytes;
         req.wait_ms = wait_millis(wait);
+        if let Some(offset) = offset {
+            req.acknowledged = true;
+            req.offset = offset;
+        }
         Ok(self
             .inner
             .read_stream(self.long_poll_ctx(req.wait_ms), &req)?)
@@ -543,17 +560,7 @@ impl AgentClient {
         max_bytes: u32,
         wait: Duration,
     ) -> Result<agent::ReadStreamResponse, RpcError> {
-        let mut req = agent::ReadStreamRequest::new();
-        req.container_id = container_id.to_owned();
-        req.exec_id = exec_id.to_owned();
-        req.stream = stream.into();
-        req.max_bytes = max_bytes;
-        req.wait_ms = wait_millis(wait);
-        req.acknowledged = true;
-        req.offset = offset;
-        Ok(self
-            .inner
-            .read_stream(self.long_poll_ctx(req.wait_ms), &req)?)
+        self.read_stream_with(container_id, exec_id, stream, max_bytes, wait, Some(offset))
     }
 
     /// Reads a stream until EOF (or until `timeout` passes: the bytes so far are returned with

@@ -77,14 +77,23 @@ impl StreamBuffer {
         self.readable.notify_all();
     }
 
-    /// Takes up to `max` bytes, waiting up to `wait` while the buffer is empty and open.
-    pub fn take(&self, max: usize, wait: Duration) -> Chunk {
+    /// Locks the ring and waits up to `wait` until it holds data or is closed, running
+    /// `settle` on it before each check.
+    fn wait_for_data(
+        &self,
+        wait: Duration,
+        mut settle: impl FnMut(&mut Ring),
+    ) -> std::sync::MutexGuard<'_, Ring> {
         let deadline = Instant::now() + wait;
         let mut ring = self.lock();
-        while ring.buf.is_empty() && !ring.closed {
+        loop {
+            settle(&mut ring);
+            if !ring.buf.is_empty() || ring.closed {
+                return ring;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break;
+                return ring;
             }
             ring = self
                 .readable
@@ -92,6 +101,11 @@ impl StreamBuffer {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// Takes up to `max` bytes, waiting up to `wait` while the buffer is empty and open.
+    pub fn take(&self, max: usize, wait: Duration) -> Chunk {
+        let mut ring = self.wait_for_data(wait, |_| {});
         let n = ring.buf.len().min(max);
         let offset = ring.start;
         let data: Vec<u8> = ring.buf.drain(..n).collect();
@@ -110,27 +124,15 @@ impl StreamBuffer {
     /// acknowledges everything written so far. The chunk's `offset` is where its data starts:
     /// later than asked when the bytes in between were dropped (or consumed by `take`).
     pub fn read_from(&self, offset: u64, max: usize, wait: Duration) -> Chunk {
-        let deadline = Instant::now() + wait;
-        let mut ring = self.lock();
-        loop {
+        // Acknowledged again after every wake-up: an offset past what was written also
+        // covers bytes pushed while waiting.
+        let ring = self.wait_for_data(wait, |ring| {
             let acked = offset.saturating_sub(ring.start).min(ring.buf.len() as u64) as usize;
             if acked > 0 {
                 ring.buf.drain(..acked);
                 ring.start += acked as u64;
             }
-            if !ring.buf.is_empty() || ring.closed {
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            ring = self
-                .readable
-                .wait_timeout(ring, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        });
         let n = ring.buf.len().min(max);
         let (a, b) = ring.buf.as_slices();
         let mut data = Vec::with_capacity(n);
