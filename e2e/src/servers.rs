@@ -143,6 +143,20 @@ pub fn kill(pid: u32, signal: i32) {
     }
 }
 
+/// Processes and mounts whose command line or mount entry names `pod_id`.
+fn pod_leftovers(pod_id: &str) -> Vec<String> {
+    let mut left: Vec<String> = processes_mentioning(pod_id)
+        .into_iter()
+        .map(|(pid, cmd)| format!("process {pid}: {cmd}"))
+        .collect();
+    left.extend(
+        mounts_mentioning(pod_id)
+            .into_iter()
+            .map(|m| format!("mount: {m}")),
+    );
+    left
+}
+
 /// `GET /` from `ip:80` over HTTP/1.0: the body.
 pub fn http_get(ip: &str, timeout: Duration) -> std::io::Result<String> {
     http_get_port(ip, 80, timeout)
@@ -445,15 +459,7 @@ impl Hyperd {
     /// What the pod left on the host: VMM processes, its state directory, its network
     /// namespace file and network record, mounts. Empty once it is removed.
     pub fn leftovers(&self, pod_id: &str) -> Vec<String> {
-        let mut left: Vec<String> = processes_mentioning(pod_id)
-            .into_iter()
-            .map(|(pid, cmd)| format!("process {pid}: {cmd}"))
-            .collect();
-        left.extend(
-            mounts_mentioning(pod_id)
-                .into_iter()
-                .map(|m| format!("mount: {m}")),
-        );
+        let mut left = pod_leftovers(pod_id);
         for p in [
             self.state_dir.join(pod_id),
             self.netns_dir.join(pod_id),
@@ -606,16 +612,7 @@ impl Containerd {
 
     /// What a pod left on the host: processes (its shim) and mounts naming it.
     pub fn leftovers(&self, pod_id: &str) -> Vec<String> {
-        let mut left: Vec<String> = processes_mentioning(pod_id)
-            .into_iter()
-            .map(|(pid, cmd)| format!("process {pid}: {cmd}"))
-            .collect();
-        left.extend(
-            mounts_mentioning(pod_id)
-                .into_iter()
-                .map(|m| format!("mount: {m}")),
-        );
-        left
+        pod_leftovers(pod_id)
     }
 }
 

@@ -17,8 +17,8 @@ use ctl::logfmt::{LogDecoder, Record, Stream};
 use ctl::spec::{prepare_log_dirs, ContainerSpec, PodSpec};
 use ctl::{Cri, CtlError};
 use e2e::servers::{
-    block, http_get, http_get_port, kill, processes_mentioning, Containerd, Hyperd, Registry,
-    HYPERD_BRIDGE, HYPERD_GATEWAY,
+    block, http_get_port, kill, processes_mentioning, Containerd, Hyperd, Registry, HYPERD_BRIDGE,
+    HYPERD_GATEWAY,
 };
 use e2e::{eventually, TempDir};
 use tonic::Code;
@@ -461,6 +461,26 @@ fn start_web_pod(ctx: &mut Ctx) -> WebPod {
     }
 }
 
+/// Asserts that `GET http://ip:port/` from the host returns the web pod's page within 30 s.
+fn assert_serves(ctx: &Ctx, web: &WebPod, ip: &str, port: u16) {
+    let mut last = None;
+    let body = eventually(Duration::from_secs(30), || {
+        match http_get_port(ip, port, Duration::from_secs(5)) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                last = Some(e);
+                None
+            }
+        }
+    });
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-pod\n"),
+        "GET http://{ip}:{port}/ from the host: {last:?}\n{}",
+        ctx.diag(Some(&web.id))
+    );
+}
+
 /// Checks the web pod serves: the client's log shows the page fetched over the pod's
 /// loopback, and the host reaches the pod IP.
 fn check_web_pod(ctx: &Ctx, web: &WebPod) {
@@ -476,42 +496,11 @@ fn check_web_pod(ctx: &Ctx, web: &WebPod) {
         std::fs::read_to_string(&web.client_log).unwrap_or_default(),
         ctx.diag(Some(&web.id))
     );
-    let mut last = None;
-    let body = eventually(Duration::from_secs(30), || {
-        match http_get(&web.ip, Duration::from_secs(5)) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                last = Some(e);
-                None
-            }
-        }
-    });
-    assert_eq!(
-        body.as_deref(),
-        Some("hello-from-pod\n"),
-        "GET http://{}/ from the host: {last:?}\n{}",
-        web.ip,
-        ctx.diag(Some(&web.id))
-    );
+    assert_serves(ctx, web, &web.ip, 80);
     if ctx.flavour() == Flavour::Hyperd {
         // The hostPort: the portmap plugin's DNAT (OUTPUT chain for local destinations) takes
         // a connection to a local address and port 18080 to the pod's port 80.
-        let mut last = None;
-        let body = eventually(Duration::from_secs(30), || {
-            match http_get_port(HYPERD_GATEWAY, WEB_HOST_PORT, Duration::from_secs(5)) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    last = Some(e);
-                    None
-                }
-            }
-        });
-        assert_eq!(
-            body.as_deref(),
-            Some("hello-from-pod\n"),
-            "GET http://{HYPERD_GATEWAY}:{WEB_HOST_PORT}/ (hostPort): {last:?}\n{}",
-            ctx.diag(Some(&web.id))
-        );
+        assert_serves(ctx, web, HYPERD_GATEWAY, WEB_HOST_PORT);
     }
     for c in [&web.server, &web.client, &web.counter] {
         let st = ctx.container_status(c);
