@@ -73,6 +73,34 @@ pub fn pod_resources(a: &Map<String, Value>) -> PodResources {
     }
 }
 
+/// The limits of the spec's own container (`linux.resources`): what sizes the VM of a task
+/// that has one to itself (`ctr run`).
+pub fn container_resources(spec: &Value) -> PodResources {
+    let int = |p: &str| spec.pointer(p).and_then(Value::as_i64);
+    let uint = |p: &str| spec.pointer(p).and_then(Value::as_u64);
+    PodResources {
+        cpu_quota_us: int("/linux/resources/cpu/quota").filter(|q| *q > 0),
+        cpu_period_us: uint("/linux/resources/cpu/period").filter(|p| *p > 0),
+        cpu_shares: uint("/linux/resources/cpu/shares"),
+        memory_limit_bytes: uint("/linux/resources/memory/limit").filter(|m| *m > 0),
+    }
+}
+
+/// `pod`, with each value it lacks taken from `container`.
+pub fn or_container(pod: PodResources, container: PodResources) -> PodResources {
+    let (cpu_quota_us, cpu_period_us) = if pod.cpu_quota_us.is_some() {
+        (pod.cpu_quota_us, pod.cpu_period_us)
+    } else {
+        (container.cpu_quota_us, container.cpu_period_us)
+    };
+    PodResources {
+        cpu_quota_us,
+        cpu_period_us,
+        cpu_shares: pod.cpu_shares.or(container.cpu_shares),
+        memory_limit_bytes: pod.memory_limit_bytes.or(container.memory_limit_bytes),
+    }
+}
+
 /// Takes the host bind mounts out of the spec and returns them as files to copy into the
 /// guest (CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname, volumes). The sandbox's
 /// `/dev/shm` is dropped: the guest provides its own.
@@ -121,6 +149,36 @@ pub fn take_bind_mounts(spec: &mut Value) -> Vec<FileToCopy> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_standalone_task_sizes_its_vm_from_its_own_limits() {
+        let spec = json!({"linux": {"resources": {
+            "memory": {"limit": 1_073_741_824u64},
+            "cpu": {"quota": 150000, "period": 100000, "shares": 1024}
+        }}});
+        let c = container_resources(&spec);
+        assert_eq!(c.memory_limit_bytes, Some(1 << 30));
+        assert_eq!(
+            (c.cpu_quota_us, c.cpu_period_us),
+            (Some(150_000), Some(100_000))
+        );
+        assert_eq!(c.cpu_shares, Some(1024));
+        // Unlimited values (-1, 0) and a spec without resources give nothing.
+        let none = container_resources(&json!({"linux": {"resources": {
+            "memory": {"limit": -1}, "cpu": {"quota": -1, "period": 0}
+        }}}));
+        assert_eq!(none, PodResources::default());
+        assert_eq!(container_resources(&json!({})), PodResources::default());
+        // The pod's annotations win; what they lack comes from the container.
+        let pod = PodResources {
+            memory_limit_bytes: Some(256 << 20),
+            ..Default::default()
+        };
+        let merged = or_container(pod, c);
+        assert_eq!(merged.memory_limit_bytes, Some(256 << 20));
+        assert_eq!(merged.cpu_quota_us, Some(150_000));
+        assert_eq!(merged.cpu_period_us, Some(100_000));
+    }
 
     #[test]
     fn reads_netns_resources_and_binds() {

@@ -197,6 +197,8 @@ impl Inner {
         if p.exited().is_some() {
             return;
         }
+        // The process is gone: its stdin copy has nothing left to do.
+        drop(lock(&p.stdin).take());
         let outputs = std::mem::take(&mut *lock(&p.output));
         let deadline = Instant::now() + OUTPUT_DRAIN;
         for h in outputs {
@@ -255,6 +257,16 @@ impl Inner {
                         })
                         .and_then(|c| u32::try_from(c).ok())
                         .unwrap_or(VM_GONE_STATUS);
+                    if status == VM_GONE_STATUS {
+                        log::warn!(
+                            "task {}: exit status {status}: {}",
+                            t.id,
+                            rec.as_ref().map_or_else(
+                                || "the container's record is gone".to_owned(),
+                                |r| format!("{:?} {} {}", r.exit_code, r.reason, r.message)
+                            )
+                        );
+                    }
                     self.finish(t, "", &t.init, status);
                 }
                 Some(_) => {}
@@ -329,7 +341,14 @@ impl Inner {
                     .and_then(|h| h.as_str())
                     .unwrap_or("")
                     .to_owned(),
-                resources: bundle::pod_resources(&annotations),
+                resources: if kind == Kind::Standalone {
+                    bundle::or_container(
+                        bundle::pod_resources(&annotations),
+                        bundle::container_resources(&spec),
+                    )
+                } else {
+                    bundle::pod_resources(&annotations)
+                },
                 annotations: strs,
                 runtime_handler: "hyper".into(),
                 ..Default::default()
@@ -412,7 +431,7 @@ impl Inner {
                 .map_err(agent_err("ExecProcess"))?;
             *lock(&p.pid) = pid;
             *lock(&p.status) = Status::Running;
-            *lock(&p.output) = stdio::start(&agent, &t.id, exec_id, &p.stdio);
+            p.attach(stdio::start(&agent, &t.id, exec_id, &p.stdio));
             self.publish(
                 topics::TASK_EXEC_STARTED_EVENT_TOPIC,
                 Box::new(ev::TaskExecStarted {
@@ -428,7 +447,8 @@ impl Inner {
             Kind::Sandbox => self.vmm_pid(&t.pod_id),
             Kind::Container | Kind::Standalone => {
                 let agent = self.agent(&t.pod_id)?;
-                *lock(&t.init.output) = stdio::start(&agent, &t.id, "", &t.init.stdio);
+                t.init
+                    .attach(stdio::start(&agent, &t.id, "", &t.init.stdio));
                 b.mgr.start_container(&t.id)?;
                 agent
                     .list_processes(&t.id)
@@ -915,6 +935,17 @@ impl TaskService for Service {
         let inner = self.inner.clone();
         blocking(move || {
             let t = inner.task(&req.id)?;
+            let p = if req.exec_id.is_empty() {
+                None
+            } else {
+                Some(inner.proc(&t, &req.exec_id)?)
+            };
+            let proc_ref: &Proc = p.as_deref().unwrap_or(&t.init);
+            if let Some(copy) = lock(&proc_ref.stdin).as_mut() {
+                // The copy closes the process's stdin after forwarding what is still queued.
+                copy.close();
+                return Ok(());
+            }
             let agent = inner.agent(&t.pod_id)?;
             agent
                 .call_once(|c| c.close_stdin(&t.id, &req.exec_id))

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::watch;
 
-use crate::stdio::StdioPaths;
+use crate::stdio::{StdinCopy, StdioPaths};
 
 /// CRI annotation: "sandbox" or "container".
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -72,6 +72,8 @@ pub struct Proc {
     pub exit: watch::Sender<Option<Exit>>,
     /// Output copies to finish before the exit is announced.
     pub output: Mutex<Vec<JoinHandle<()>>>,
+    /// The stdin copy while it runs.
+    pub stdin: Mutex<Option<StdinCopy>>,
 }
 
 impl Proc {
@@ -84,7 +86,20 @@ impl Proc {
             status: Mutex::new(Status::Created),
             exit: watch::channel(None).0,
             output: Mutex::new(Vec::new()),
+            stdin: Mutex::new(None),
         }
+    }
+
+    /// Starts copying `copies`' streams for this process.
+    pub fn attach(&self, copies: crate::stdio::Copies) {
+        *self
+            .output
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = copies.output;
+        *self
+            .stdin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = copies.stdin;
     }
 
     /// The exit, if any.
