@@ -59,7 +59,11 @@ impl Inner {
                 log::info!("pod {}: {why}", pod.id);
                 return;
             }
-            log::warn!("pod {}: {why} unexpectedly", pod.id);
+            log::warn!(
+                "pod {}: {why} unexpectedly\n{}",
+                pod.id,
+                self.vm_log_tails(&pod.id)
+            );
             let cids = data.containers_in(&[ContainerState::Created, ContainerState::Running]);
             for cid in cids {
                 if let Some(c) = data.containers.get_mut(&cid) {
@@ -84,6 +88,24 @@ impl Inner {
         }
         self.remove_sockets(&pod.id);
         self.bus.publish_all(events);
+    }
+
+    /// The last lines of a pod's VMM log and guest console: why its VM went away, for the
+    /// operator's log (both files go when the pod is removed).
+    fn vm_log_tails(&self, pod_id: &str) -> String {
+        const LINES: usize = 12;
+        let tail = |path: &std::path::Path| {
+            let text = std::fs::read(path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LINES)..].join("\n")
+        };
+        format!(
+            "--- VMM log (tail) ---\n{}\n--- guest console (tail) ---\n{}",
+            tail(&self.layout.vmm_log(pod_id)),
+            tail(&self.layout.console_log(pod_id))
+        )
     }
 
     /// Long-polls the agent's event log and applies container exits. `recovered`: the

@@ -229,6 +229,22 @@ impl Vcpu {
         classify_reset(&self.mem)
     }
 
+    /// The vCPU's instruction pointer and control registers, for logs.
+    fn describe_state(&self) -> String {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!("rip={:#x} rsp={:#x} rflags={:#x}", r.rip, r.rsp, r.rflags),
+            Err(e) => format!("registers unavailable: {e}"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => format!(
+                "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x}",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+            ),
+            Err(e) => format!("special registers unavailable: {e}"),
+        };
+        format!("{regs} {sregs}")
+    }
+
     /// Run the guest until one exit that needs attention; `None` means keep running.
     pub fn run_once(&mut self) -> Option<VcpuEvent> {
         let counters = self.counters.clone();
@@ -265,7 +281,17 @@ impl Vcpu {
                     None
                 }
                 VcpuExit::Hlt => Some(VcpuEvent::Halted),
-                VcpuExit::Shutdown => Some(self.reset_event()),
+                VcpuExit::Shutdown => {
+                    // KVM_EXIT_SHUTDOWN: a triple fault, or a reset the guest forced that way.
+                    // Where the vCPU stood tells a guest bug from a reboot.
+                    let ev = self.reset_event();
+                    log::warn!(
+                        "vcpu{}: shutdown exit (triple fault or forced reset), {ev:?}; {}",
+                        self.index,
+                        self.describe_state()
+                    );
+                    Some(ev)
+                }
                 VcpuExit::SystemEvent(kind, _) => {
                     log::info!("vcpu{}: system event {kind}", self.index);
                     Some(self.reset_event())
