@@ -3,22 +3,24 @@
 //! rootfs a read-only ext4 disk the shim builds from containerd's overlay snapshot and caches.
 //!
 //! One containerd for every case (boots are slow under emulation): output and exit codes of
-//! `ctr run`, output that a quickly exiting process leaves behind, `ctr task exec` (with stdin),
-//! a SIGKILL from `ctr task kill` seen as status 137 by `ctr run`, a killed shim whose VM
-//! containerd's cleanup (the shim's `delete`) stops, and after `ctr task delete` and
-//! `ctr container rm` no VMM, shim, mount, tap, pod state or disk left but the shared image
-//! disk. Then CRI: a pod with runtime handler `hyper` and two containers in its one VM,
-//! ExecSync, the pod IP inside the guest, the containers' logs, a containerd restart the pod
-//! survives, StopPodSandbox + RemovePodSandbox.
+//! `ctr run`, output that a quickly exiting process leaves behind, `ctr task exec` (with stdin,
+//! small and larger than a FIFO), pause/resume, metrics, a refused checkpoint, an OOM kill
+//! under `--memory-limit`, a SIGKILL from `ctr task kill` seen as status 137 by `ctr run`, a
+//! killed shim whose VM containerd's cleanup (the shim's `delete`) stops, a killed VMM that
+//! ends its task with status 255, the task events containerd received (`ctr events`), and
+//! after `ctr task delete` and `ctr container rm` no VMM, shim, mount, tap, pod state or disk
+//! left but the shared image disk. Then CRI: a pod with runtime handler `hyper` and two
+//! containers in its one VM, ExecSync, the pod IP inside the guest, the containers' logs, a
+//! containerd restart the pod survives, StopPodSandbox + RemovePodSandbox.
 //!
 //! The shim binary: `HYPERNETES_SHIM`, else `containerd-shim-hyper-v1` in the test binary's
 //! target directory (`cargo build --release -p shim`).
 
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ctl::spec::{prepare_log_dirs, ContainerSpec, PodSpec};
@@ -54,6 +56,76 @@ fn shim_binary() -> PathBuf {
 
 struct Ctx {
     ctrd: Containerd,
+}
+
+/// `ctr events` running in the background: every event containerd received, one per line
+/// (`<time> <namespace> <topic> <event JSON>`).
+struct Events {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Events {
+    fn start(ctrd: &Containerd) -> Events {
+        let mut child = ctrd
+            .ctr()
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run ctr events");
+        let out = child.stdout.take().expect("ctr events' stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        Events { child, lines }
+    }
+
+    /// Waits up to 30 s for an event on `topic` whose JSON contains every one of `fields`.
+    fn expect(&self, topic: &str, fields: &[&str]) {
+        let found = eventually(Duration::from_secs(30), || {
+            self.lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|l| l.contains(&format!(" {topic} ")) && fields.iter().all(|f| l.contains(f)))
+                .then_some(())
+        });
+        assert!(
+            found.is_some(),
+            "no {topic} event with {fields:?}; events seen:\n{}",
+            self.lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .join("\n")
+        );
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last 20 lines of `bytes` (with the number left out), so a failure message keeps its
+/// diagnostics in view.
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(20);
+    let mut out = String::new();
+    if start > 0 {
+        out.push_str(&format!("[{start} lines before]\n"));
+    }
+    out.push_str(&lines[start..].join("\n"));
+    out
 }
 
 impl Ctx {
@@ -160,8 +232,8 @@ impl Ctx {
             "`ctr {}`: status {:?}, wanted {code}\nstdout: {}\nstderr: {}\n{}",
             args.join(" "),
             out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
+            tail(&out.stdout),
+            tail(&out.stderr),
             self.diagnostics()
         );
     }
@@ -261,6 +333,7 @@ fn ctr_runs_tasks_in_pod_vms() {
         ctrd: Containerd::start_with_hyper_shim(&shim),
     };
     eprintln!("containerd started, images imported: {:?}", begin.elapsed());
+    let events = Events::start(&ctx.ctrd);
     let run = |id: &str, cmd: &[&str]| -> Output {
         let mut args = vec!["run", "--runtime", RUNTIME, "--rm", IMAGE, id];
         args.extend_from_slice(cmd);
@@ -337,20 +410,86 @@ fn ctr_runs_tasks_in_pod_vms() {
     ];
     let out = ctx.ctr(&args, None);
     ctx.expect_status(&out, 5, &args);
-    // KNOWN BUG, left out of `make e2e` until fixed: CloseIO closes the process's stdin in
-    // the agent at once, racing the copier that still forwards what the FIFO holds (and the
-    // copier ignores short WriteStdin counts), so `cat` sometimes sees EOF before its input.
-    // HYPERNETES_E2E_SHIM_STDIN=1 runs it.
-    if std::env::var_os("HYPERNETES_E2E_SHIM_STDIN").is_some() {
-        let args = ["task", "exec", "--exec-id", "z", "long", "cat"];
-        let out = ctx.ctr(&args, Some(b"from stdin\n"));
+    // stdin reaches the exec before CloseIO ends it: small inputs several times over (CloseIO
+    // arrives right after ctr wrote them), and one much larger than a FIFO's buffer and an
+    // agent WriteStdin.
+    for i in 0..3 {
+        let id = format!("in{i}");
+        let args = ["task", "exec", "--exec-id", &id, "long", "cat"];
+        let input = format!("from stdin {i}\n");
+        let out = ctx.ctr(&args, Some(input.as_bytes()));
         ctx.expect_status(&out, 0, &args);
-        assert_eq!(text(&out.stdout), "from stdin\n");
-    } else {
-        eprintln!("ctr task exec with stdin: SKIPPED (known CloseIO race, see the comment)");
+        assert_eq!(text(&out.stdout), input);
     }
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let args = ["task", "exec", "--exec-id", "big", "long", "wc", "-c"];
+    let out = ctx.ctr(&args, Some(&big));
+    ctx.expect_status(&out, 0, &args);
+    assert_eq!(text(&out.stdout).trim(), "300000");
     let ps = ctx.ok(&["task", "ps", "long"]);
     assert!(ps.lines().count() >= 2, "ctr task ps long: {ps}");
+
+    // Pause and resume (the container's cgroup is frozen in the guest), then metrics.
+    ctx.ok(&["task", "pause", "long"]);
+    ctx.wait_status("long", "PAUSED");
+    ctx.ok(&["task", "resume", "long"]);
+    ctx.wait_status("long", "RUNNING");
+    assert_eq!(
+        ctx.ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            "long",
+            "echo",
+            "resumed"
+        ]),
+        "resumed\n"
+    );
+    let metrics = ctx.ok(&["task", "metrics", "--format", "json", "long"]);
+    let m: serde_json::Value = serde_json::from_str(&metrics)
+        .unwrap_or_else(|e| panic!("ctr task metrics: {e}: {metrics}"));
+    let num = |path: &[&str]| {
+        path.iter()
+            .fold(&m, |v, k| &v[*k])
+            .as_u64()
+            .unwrap_or_else(|| panic!("metrics {path:?} missing: {metrics}"))
+    };
+    assert!(num(&["memory", "usage"]) > 0, "{metrics}");
+    assert!(num(&["pids", "current"]) >= 1, "{metrics}");
+    assert!(num(&["cpu", "usage_usec"]) > 0, "{metrics}");
+    // Checkpoint is refused clearly (ctr pauses around it, and resumes).
+    let args = ["task", "checkpoint", "long"];
+    let out = ctx.ctr(&args, None);
+    assert_ne!(out.status.code(), Some(0), "ctr task checkpoint succeeded");
+    assert!(
+        text(&out.stderr).contains("not supported by the hyper runtime"),
+        "ctr task checkpoint: {}",
+        text(&out.stderr)
+    );
+    ctx.wait_status("long", "RUNNING");
+
+    // A container over its memory limit is OOM-killed in the guest: 137 and an OOM event.
+    let out = ctx.ctr(
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            "--memory-limit",
+            "16777216",
+            IMAGE,
+            "oom",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+        ],
+        None,
+    );
+    ctx.expect_status(&out, 137, &["run", "oom"]);
+    events.expect("/tasks/oom", &[r#""container_id":"oom""#]);
 
     // 5. A signal from outside ends `ctr run` with 128 + signal.
     let mut cmd = ctx.ctrd.ctr();
@@ -401,7 +540,26 @@ fn ctr_runs_tasks_in_pod_vms() {
     );
     ctx.ok(&["container", "rm", "crash"]);
 
-    // 7. Kill, delete, remove: nothing of the pod stays.
+    // 7. The VMM dies under a running task: the task ends (status 255) with an exit event.
+    ctx.run_detached("vmmdie");
+    ctx.wait_status("vmmdie", "RUNNING");
+    let vmm: Vec<(u32, String)> = ctx
+        .vmms()
+        .into_iter()
+        .filter(|(_, c)| c.contains("/vmmdie/"))
+        .collect();
+    assert_eq!(vmm.len(), 1, "{:?}", ctx.vmms());
+    e2e::servers::kill(vmm[0].0, libc::SIGKILL);
+    ctx.wait_status("vmmdie", "STOPPED");
+    events.expect(
+        "/tasks/exit",
+        &[r#""container_id":"vmmdie""#, r#""exit_status":255"#],
+    );
+    let out = ctx.ctr(&["task", "delete", "vmmdie"], None);
+    ctx.expect_status(&out, 0, &["task", "delete", "vmmdie"]);
+    ctx.ok(&["container", "rm", "vmmdie"]);
+
+    // 8. Kill, delete, remove: nothing of the pod stays.
     ctx.ok(&["task", "kill", "-s", "SIGKILL", "long"]);
     ctx.wait_status("long", "STOPPED");
     let out = ctx.ctr(&["task", "delete", "long"], None);
@@ -438,7 +596,36 @@ fn ctr_runs_tasks_in_pod_vms() {
         sockets_before,
         "shim sockets left"
     );
-    // 8. CRI: a pod with runtime handler `hyper`, two containers in its one VM.
+    // The task events containerd got from the shim.
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        events.expect(topic, &[r#""container_id":"hi""#]);
+    }
+    events.expect(
+        "/tasks/exit",
+        &[r#""container_id":"streams""#, r#""exit_status":3"#],
+    );
+    for topic in ["/tasks/exec-added", "/tasks/exec-started"] {
+        events.expect(topic, &[r#""container_id":"long""#, r#""exec_id":"x""#]);
+    }
+    events.expect(
+        "/tasks/exit",
+        &[
+            r#""container_id":"long""#,
+            r#""id":"y""#,
+            r#""exit_status":5"#,
+        ],
+    );
+    for topic in ["/tasks/paused", "/tasks/resumed"] {
+        events.expect(topic, &[r#""container_id":"long""#]);
+    }
+    drop(events);
+
+    // 9. CRI: a pod with runtime handler `hyper`, two containers in its one VM.
     cri_pod(&ctx);
     assert!(ctx.vmms().is_empty(), "VMMs left: {:?}", ctx.vmms());
     assert_eq!(tap_devices(), taps_before, "tap devices left");
