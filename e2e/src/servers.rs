@@ -562,15 +562,31 @@ impl Containerd {
     /// Stops containerd (SIGTERM) and starts it again with the same configuration; its
     /// containers and shims keep running.
     pub fn restart(&self) {
-        let out = Command::new(hack("containerd-test.sh"))
-            .arg("restart")
-            .arg(&self.dir)
+        self.script(&["restart"]);
+    }
+
+    /// Imports the test image `kind` (`busybox` or `pause`) again, unpacked into new
+    /// snapshots.
+    pub fn import(&self, kind: &str) {
+        self.script(&["import", &self.dir.display().to_string(), kind]);
+    }
+
+    fn script(&self, args: &[&str]) {
+        let mut cmd = Command::new(hack("containerd-test.sh"));
+        cmd.arg(args[0]);
+        if args.len() == 1 {
+            cmd.arg(&self.dir);
+        } else {
+            cmd.args(&args[1..]);
+        }
+        let out = cmd
             .stdin(Stdio::null())
             .output()
             .expect("cannot run hack/containerd-test.sh");
         assert!(
             out.status.success(),
-            "hack/containerd-test.sh restart failed: {}\n{}",
+            "hack/containerd-test.sh {} failed: {}\n{}",
+            args[0],
             String::from_utf8_lossy(&out.stderr),
             self.log_tail()
         );

@@ -11,7 +11,8 @@
 //! after `ctr task delete` and `ctr container rm` no VMM, shim, mount, tap, pod state or disk
 //! left but the shared image disk. Then CRI: a pod with runtime handler `hyper` and two
 //! containers in its one VM, ExecSync, the pod IP inside the guest, the containers' logs, a
-//! containerd restart the pod survives, StopPodSandbox + RemovePodSandbox.
+//! containerd restart the pod survives, StopPodSandbox + RemovePodSandbox. Last, the image is
+//! removed and imported again: the next pod's shim replaces the old disk.
 //!
 //! The shim binary: `HYPERNETES_SHIM`, else `containerd-shim-hyper-v1` in the test binary's
 //! target directory (`cargo build --release -p shim`).
@@ -281,11 +282,13 @@ impl Ctx {
             .collect()
     }
 
+    /// The cached rootfs disks (name, mtime); their `.layers` records are not listed.
     fn disks(&self) -> Vec<(String, std::time::SystemTime)> {
         let mut v: Vec<(String, std::time::SystemTime)> =
             std::fs::read_dir(self.ctrd.hyper_disks())
                 .map(|d| {
                     d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
                         .map(|e| {
                             let mtime = e
                                 .metadata()
@@ -354,6 +357,11 @@ fn ctr_runs_tasks_in_pod_vms() {
         "one rootfs disk after the first run: {disks:?}"
     );
     assert!(disks[0].0.ends_with(".ext4"), "{disks:?}");
+    let record = ctx
+        .ctrd
+        .hyper_disks()
+        .join(disks[0].0.replace(".ext4", ".layers"));
+    assert!(record.is_file(), "{} is missing", record.display());
 
     // 2. stdout and stderr apart, and a non-zero exit status.
     let t = Instant::now();
@@ -636,6 +644,23 @@ fn ctr_runs_tasks_in_pod_vms() {
     );
     // The CRI containers' snapshots have the same parents as `ctr run`'s: the same disk.
     assert_eq!(ctx.disks(), disks, "the one shared disk after the CRI pod");
+
+    // 10. The image goes (containerd deletes its snapshots) and comes back (new snapshots):
+    // the next pod's shim builds a new disk and removes the old one.
+    ctx.ok(&["image", "rm", "--sync", IMAGE]);
+    ctx.ctrd.import("busybox");
+    let out = run("fresh", &["echo", "fresh"]);
+    ctx.expect_status(&out, 0, &["run", "fresh"]);
+    assert_eq!(text(&out.stdout), "fresh\n");
+    let renewed = eventually(Duration::from_secs(30), || {
+        let now = ctx.disks();
+        (now.len() == 1 && now[0].0 != disks[0].0).then_some(now)
+    });
+    assert!(
+        renewed.is_some(),
+        "the old disk {disks:?} should be replaced by one new disk: {:?}",
+        ctx.disks()
+    );
     eprintln!("shim e2e: {:?}", begin.elapsed());
 }
 

@@ -84,7 +84,69 @@ pub fn disk_for(cache: &DiskCache, layers: &Layers) -> Result<Disk, ShimError> {
             )));
         }
     }
-    cache.get_or_build(&layers.key(), |tree| fill(tree, &layers.lower))
+    let disk = cache.get_or_build(&layers.key(), |tree| fill(tree, &layers.lower))?;
+    // What the disk was made from, for the garbage collection (also for disks built before
+    // these records existed).
+    let record = layers_record(&disk.path);
+    if !record.exists() {
+        if let Err(e) = write_layers_record(&record, layers) {
+            log::warn!("recording the layers of {}: {e}", disk.path.display());
+        }
+    }
+    Ok(disk)
+}
+
+/// The file beside a disk that lists the layer directories it was built from.
+fn layers_record(disk: &Path) -> PathBuf {
+    disk.with_extension("layers")
+}
+
+fn write_layers_record(record: &Path, layers: &Layers) -> std::io::Result<()> {
+    let mut text = String::new();
+    for l in &layers.lower {
+        text.push_str(&l.to_string_lossy());
+        text.push('\n');
+    }
+    let dir = record.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-layers-")
+        .tempfile_in(dir)?;
+    std::fs::write(tmp.path(), text)?;
+    tmp.persist(record).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Removes the cached disks whose layers containerd has deleted (their image and every
+/// container of it are gone, so no new container can ask for them; a VM still running on
+/// one keeps its open file). Disks without a layers record are kept. Returns what was
+/// removed.
+pub fn collect_garbage(cache: &DiskCache) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(disks) = cache.list() else {
+        return removed;
+    };
+    for (key, disk) in disks {
+        let record = layers_record(&disk.path);
+        let Ok(text) = std::fs::read_to_string(&record) else {
+            continue;
+        };
+        let lower: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        if lower.is_empty() || lower.iter().all(|l| Path::new(l).is_dir()) {
+            continue;
+        }
+        match cache.remove(&key) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&record);
+                log::info!(
+                    "removed cached disk {}: its layers are gone",
+                    disk.path.display()
+                );
+                removed.push(disk.path);
+            }
+            Err(e) => log::warn!("removing {}: {e}", disk.path.display()),
+        }
+    }
+    removed
 }
 
 /// Copies the merged view of `lower` into `tree`.
@@ -235,5 +297,50 @@ mod tests {
         let d = disk_for(&cache, &layers).unwrap();
         assert!(!d.cached && d.path.is_file());
         assert!(disk_for(&cache, &layers).unwrap().cached);
+        assert_eq!(
+            std::fs::read_to_string(layers_record(&d.path)).unwrap(),
+            format!("{}\n", layer.path().display())
+        );
+    }
+
+    #[test]
+    fn garbage_collection_removes_only_disks_whose_layers_are_gone() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(cache_dir.path()).unwrap();
+        let kept_layer = tempfile::tempdir().unwrap();
+        let gone_layer = tempfile::tempdir().unwrap();
+        // Plain files stand in for disks: collection looks only at the records.
+        let disk = |lower: Vec<PathBuf>, record: bool| {
+            let layers = Layers { lower };
+            let path = cache.path_for(&layers.key());
+            std::fs::write(&path, b"disk").unwrap();
+            if record {
+                write_layers_record(&layers_record(&path), &layers).unwrap();
+            }
+            path
+        };
+        let kept = disk(vec![kept_layer.path().to_path_buf()], true);
+        let mixed = disk(
+            vec![
+                kept_layer.path().to_path_buf(),
+                gone_layer.path().to_path_buf(),
+            ],
+            true,
+        );
+        let gone = disk(vec![gone_layer.path().join("sub")], true);
+        let unknown = disk(vec![PathBuf::from("/nonexistent/layer")], false);
+        let gone_path = gone_layer.path().to_path_buf();
+        drop(gone_layer);
+        assert!(!gone_path.exists());
+        let mut removed = collect_garbage(&cache);
+        removed.sort();
+        let mut want = vec![mixed.clone(), gone.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(kept.is_file() && layers_record(&kept).is_file());
+        assert!(!mixed.exists() && !layers_record(&mixed).exists());
+        assert!(!gone.exists() && !layers_record(&gone).exists());
+        assert!(unknown.is_file(), "a disk without a record is kept");
+        assert!(collect_garbage(&cache).is_empty());
     }
 }

@@ -101,6 +101,9 @@ impl Service {
                 let mgr = SandboxManager::new(mc)?;
                 // Every pod's shim shares the cache: keep other shims' builds in progress.
                 let disks = DiskCache::open_shared(&cfg.disk_cache, STALE_BUILD)?;
+                // Disks of images containerd has deleted go, off the pod's start path.
+                let gc = disks.clone();
+                std::thread::spawn(move || rootfs::collect_garbage(&gc));
                 Ok(Backend {
                     mgr,
                     layout: Layout::new(&state_root, &log_dir),
