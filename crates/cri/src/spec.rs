@@ -410,12 +410,24 @@ pub fn build(
             linux_json["seccomp"] = profile;
         }
     }
+    // As containerd's CRI does on cgroup v2: the container's own cgroup at /sys/fs/cgroup, in
+    // a cgroup namespace, read-only unless privileged, so that runtimes inside (the JVM, Go's
+    // automaxprocs) see their limits.
+    if !privileged {
+        linux_json["namespaces"] = json!([{"type": "cgroup"}]);
+    }
+    let cgroup_access = if privileged { "rw" } else { "ro" };
     let spec = json!({
         "ociVersion": "1.0.2",
         "root": {"path": "rootfs", "readonly": sc.is_some_and(|s| s.readonly_rootfs)},
         "hostname": pod_hostname,
         "process": process,
-        "mounts": [],
+        "mounts": [{
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", cgroup_access],
+        }],
         "linux": linux_json,
     });
     serde_json::to_vec(&spec).map_err(|e| Status::internal(e.to_string()))
@@ -434,6 +446,36 @@ mod tests {
             user: "101:102".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn containers_see_their_own_cgroup() {
+        let mut c = cri::ContainerConfig {
+            command: vec!["sh".into()],
+            ..Default::default()
+        };
+        let spec: Value = serde_json::from_slice(&build(&c, &image(), "pod").unwrap()).unwrap();
+        assert_eq!(spec["mounts"][0]["destination"], "/sys/fs/cgroup");
+        assert_eq!(spec["mounts"][0]["type"], "cgroup");
+        assert!(spec["mounts"][0]["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ro")));
+        assert_eq!(spec["linux"]["namespaces"], json!([{"type": "cgroup"}]));
+        // Privileged: the VM's whole cgroup tree, writable, no cgroup namespace.
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                privileged: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let spec: Value = serde_json::from_slice(&build(&c, &image(), "pod").unwrap()).unwrap();
+        assert!(spec["mounts"][0]["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("rw")));
+        assert!(spec["linux"].get("namespaces").is_none());
     }
 
     #[test]
