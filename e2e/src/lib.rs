@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use protocol::client::{connect_vsock_uds, AgentClient};
 
+pub mod cri_checks;
 pub mod servers;
 
 /// Path of an artifact named by an environment variable.

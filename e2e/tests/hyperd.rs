@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ctl::cri;
@@ -185,30 +186,6 @@ impl Ctx {
             .unwrap_or_else(|e| panic!("RunPodSandbox {}: {e}\n{}", pod.name, self.diag(None)))
     }
 
-    /// RunPodSandbox, repeated once (as kubelet repeats a failed one) when the pod's guest was
-    /// reset while it booted. Under the nested, emulated test VM a guest booting among nine
-    /// others occasionally triple-faults mid-boot (its console stops mid-line, no panic; the
-    /// test VM's own kernel has similar emulation faults, see docs/design.md). The failed
-    /// attempt must leave nothing behind, which the scenario's final checks see; a second
-    /// failure fails the test.
-    fn run_pod_as_kubelet(&self, pod: &PodSpec) -> String {
-        let cri = self.cri.clone();
-        let config = pod.config();
-        let handler = self.server.handler;
-        match block(async move { cri.run_pod_sandbox(config, handler).await }) {
-            Ok(id) => id,
-            Err(e) if e.to_string().contains("exited with status 0 (guest reboot") => {
-                eprintln!(
-                    "[{:?}] RunPodSandbox {}: the guest was reset while booting, retrying once: {e}",
-                    self.flavour(),
-                    pod.name
-                );
-                self.run_pod(pod)
-            }
-            Err(e) => panic!("RunPodSandbox {}: {e}\n{}", pod.name, self.diag(None)),
-        }
-    }
-
     /// CreateContainer + StartContainer.
     fn start_container(&self, pod_id: &str, pod: &PodSpec, c: &ContainerSpec) -> String {
         prepare_log_dirs(pod, c).expect("log dirs");
@@ -359,6 +336,56 @@ fn counter_numbers(path: &Path) -> Vec<u64> {
                 .unwrap_or_else(|| panic!("not a number: {:?}", r.message))
         })
         .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Collects GetContainerEvents from now on, on a thread of its own.
+fn watch_events(cri: &Cri) -> Arc<Mutex<Vec<cri::ContainerEventResponse>>> {
+    let c = cri.clone();
+    let mut stream = block(async move { c.container_events().await }).expect("GetContainerEvents");
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let sink = out.clone();
+    std::thread::spawn(move || {
+        block(async move {
+            while let Ok(Some(ev)) = stream.message().await {
+                lock(&sink).push(ev);
+            }
+        })
+    });
+    out
+}
+
+/// Log rotation as kubelet does it: the counter's log is renamed, ReopenContainerLog makes the
+/// runtime start a new file at the log path, and the two files together hold every line once.
+fn rotate_counter_log(ctx: &mut Ctx, web: &WebPod) {
+    let rotated = web.counter_log.with_extension("log.1");
+    std::fs::rename(&web.counter_log, &rotated).expect("rotating the counter's log");
+    let (c, id) = (ctx.cri.clone(), web.counter.clone());
+    block(async move { c.reopen_container_log(&id).await }).expect("ReopenContainerLog");
+    let fresh = eventually(Duration::from_secs(30), || {
+        let n = counter_numbers(&web.counter_log);
+        (n.len() >= 5).then_some(n)
+    })
+    .unwrap_or_else(|| panic!("no new lines in {}", web.counter_log.display()));
+    let mut all = counter_numbers(&rotated);
+    let last_rotated = all.last().copied();
+    all.extend(&fresh);
+    assert!(
+        gaps(&all).is_empty(),
+        "lines lost across the rotation (rotated file ends at {last_rotated:?}, the new one starts at {:?}): {:?}",
+        fresh.first(),
+        gaps(&all)
+    );
+    // An unknown container is NotFound.
+    let c = ctx.cri.clone();
+    let code = code_of(
+        "ReopenContainerLog of an unknown container",
+        block(async move { c.reopen_container_log("no-such-container").await }),
+    );
+    assert_eq!(code, Code::NotFound);
 }
 
 /// Numbers missing from 1..=max, as (first, count) runs; panics on duplicates or disorder.
@@ -908,7 +935,7 @@ fn concurrent_pods(ctx: &mut Ctx) {
                 s.spawn(move || {
                     let t = Instant::now();
                     let spec = ctx.pod(&format!("many-{i}"));
-                    let id = ctx.run_pod_as_kubelet(&spec);
+                    let id = ctx.run_pod(&spec);
                     let c = ctx.start_container(
                         &id,
                         &spec,
@@ -1008,6 +1035,9 @@ fn scenario(mut server: Server, registry: &Registry) {
     ctx.timed("web pod serving", |c| check_web_pod(c, &web));
     pod_bad_requests(&ctx, &web);
     exec_checks(&mut ctx, &web);
+    ctx.timed("ContainerStats + UpdateContainerResources", |c| {
+        e2e::cri_checks::update_and_stats(&c.cri, &web.server)
+    });
     ctx.timed("CRI mounts", |c| mount_checks(c, &web));
 
     // Logs: the counter's lines are well-formed CRI lines without gaps.
@@ -1040,12 +1070,42 @@ fn scenario(mut server: Server, registry: &Registry) {
         );
     }
 
+    ctx.timed("log rotation", |c| rotate_counter_log(c, &web));
+
+    // GetContainerEvents: hyperd's stream sees the pod's containers stop (containerd 1.6 has
+    // no such stream; it answers Unimplemented).
+    let events = match flavour {
+        Flavour::Hyperd => Some(watch_events(&ctx.cri)),
+        _ => None,
+    };
+
     // Stop: NOTREADY, every container EXITED; remove: nothing left.
     let cri = ctx.cri.clone();
     let id = web.id.clone();
     ctx.timed("StopPodSandbox (web)", |_| {
         block(async move { cri.stop_pod_sandbox(&id).await }).expect("StopPodSandbox")
     });
+    if let Some(events) = events {
+        for c in [&web.server, &web.client, &web.counter] {
+            let seen = eventually(Duration::from_secs(30), || {
+                lock(&events)
+                    .iter()
+                    .any(|e| {
+                        &e.container_id == c
+                            && e.container_event_type
+                                == cri::ContainerEventType::ContainerStoppedEvent as i32
+                            && e.pod_sandbox_status.as_ref().map(|p| p.id.as_str())
+                                == Some(web.id.as_str())
+                    })
+                    .then_some(())
+            });
+            assert!(
+                seen.is_some(),
+                "no CONTAINER_STOPPED_EVENT for {c}: {:?}",
+                lock(&events)
+            );
+        }
+    }
     assert_eq!(ctx.pod_status(&web.id).state, POD_NOTREADY);
     for c in [&web.server, &web.client, &web.counter] {
         let st = ctx.container_status(c);
@@ -1073,17 +1133,7 @@ fn scenario(mut server: Server, registry: &Registry) {
         ctx.timed("VMM death", vmm_death);
     }
 
-    // KNOWN FAILURE, left out of `make e2e` until fixed: through the shim, one of the ten
-    // concurrent pod VMs was seen to reboot in the test VM ("hyper-vmm exited with status 0
-    // (guest reboot or stop) unexpectedly") and its StartContainer failed. Cause not found
-    // yet; HYPERNETES_E2E_SHIM_CONCURRENT=1 runs it.
-    let skip_concurrent = flavour == Flavour::ContainerdHyper
-        && std::env::var_os("HYPERNETES_E2E_SHIM_CONCURRENT").is_none();
-    if skip_concurrent {
-        eprintln!("[{flavour:?}] 10 concurrent pods: SKIPPED (known failure, see the comment)");
-    } else {
-        ctx.timed("10 concurrent pods", concurrent_pods);
-    }
+    ctx.timed("10 concurrent pods", concurrent_pods);
 
     // Nothing of the scenario is left, not even a veth on the bridge.
     assert!(ctx.list_pods().is_empty(), "{:?}", ctx.list_pods());

@@ -293,6 +293,66 @@ impl Cri {
         })
     }
 
+    /// Sets a container's Linux resources (UpdateContainerResources).
+    pub async fn update_container_resources(
+        &self,
+        id: &str,
+        linux: cri::LinuxContainerResources,
+    ) -> Result<(), CtlError> {
+        let req = self.request(cri::UpdateContainerResourcesRequest {
+            container_id: id.to_string(),
+            linux: Some(linux),
+            ..Default::default()
+        });
+        self.runtime()
+            .update_container_resources(req)
+            .await
+            .map_err(rpc("UpdateContainerResources"))?;
+        Ok(())
+    }
+
+    /// Asks the runtime to reopen a container's log file (after a rotation).
+    pub async fn reopen_container_log(&self, id: &str) -> Result<(), CtlError> {
+        let req = self.request(cri::ReopenContainerLogRequest {
+            container_id: id.to_string(),
+        });
+        self.runtime()
+            .reopen_container_log(req)
+            .await
+            .map_err(rpc("ReopenContainerLog"))?;
+        Ok(())
+    }
+
+    /// The runtime's container event stream (GetContainerEvents); it has no deadline.
+    pub async fn container_events(
+        &self,
+    ) -> Result<tonic::Streaming<cri::ContainerEventResponse>, CtlError> {
+        let req = self.request_with(cri::GetEventsRequest {}, None);
+        Ok(self
+            .runtime()
+            .get_container_events(req)
+            .await
+            .map_err(rpc("GetContainerEvents"))?
+            .into_inner())
+    }
+
+    /// A container's usage (ContainerStats).
+    pub async fn container_stats(&self, id: &str) -> Result<cri::ContainerStats, CtlError> {
+        let req = self.request(cri::ContainerStatsRequest {
+            container_id: id.to_string(),
+        });
+        let r = self
+            .runtime()
+            .container_stats(req)
+            .await
+            .map_err(rpc("ContainerStats"))?
+            .into_inner();
+        r.stats.ok_or(CtlError::Incomplete {
+            call: "ContainerStats",
+            what: "stats",
+        })
+    }
+
     /// Runs `cmd` in a container and waits for it. `timeout` (None: no limit) is passed to the runtime,
     /// which kills the command after it; the call itself may take that long plus the per-call timeout.
     pub async fn exec_sync(
