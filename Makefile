@@ -5,7 +5,7 @@ CARGO ?= cargo
 BUILD ?= $(CURDIR)/build
 export HYPERNETES_BUILD := $(BUILD)
 
-.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test e2e-full demo boot-bench image-bench container-bench cri-bench shim-bench install-node clean
+.PHONY: all setup build guest-kernel guest-initrd guest lint unit e2e test demo boot-bench image-bench container-bench cri-bench shim-bench install-node clean
 
 all: build
 
@@ -38,10 +38,6 @@ unit:
 # End-to-end tests: boot real guests. Runs the whole e2e suite in ONE KVM test VM boot.
 e2e: guest
 	hack/run-e2e.sh
-
-# The e2e suite plus the heaviest case, hyperd's CRI scenario through containerd and the shim.
-e2e-full: guest
-	E2E_FULL=1 hack/run-e2e.sh
 
 # The README's test command: everything CI runs.
 test: setup lint unit e2e

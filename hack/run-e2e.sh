@@ -28,19 +28,14 @@ export RUST_BACKTRACE=1
 
 # One test-VM boot runs all binaries in sequence; a failing binary fails the run.
 # containerd_cri_reference runs on the host (make unit), not here: see e2e/tests/hyperd.rs.
-# containerd_hyper_cri_end_to_end (hyperd's CRI scenario through the shim) boots the most
-# guests of all; the nested test VM hangs or panics more often the more guests it runs (see
-# docs/design.md), so it runs in `make e2e-full` (E2E_FULL=1), not in CI's lean set.
 skip=(--skip containerd_cri_reference)
-[ "${E2E_FULL:-0}" = 1 ] || skip+=(--skip containerd_hyper_cri_end_to_end)
 script='rc=0; skip=$1; shift; for b in "$@"; do echo "== $b"; "$b" --ignored --test-threads=1 $skip || rc=1; done; exit $rc'
 # The nested test VM itself occasionally hangs with its vCPUs spinning (see ENVIRONMENT.md);
-# kvm-vm reports that as status 124. Its own kernel also panics now and then while it runs
-# guests ("BUG: TASK stack guard page was hit" in a vcpu thread: an exception taken with the
-# nested guest's GS base, under QEMU's emulation of SVM; more likely the more guest exits a
-# run causes). kvm-vm reports that as status 125 with the panic in the console log. Such a
-# run proved nothing either way: run it once more, and say so. Test failures (any other
-# status) are never retried.
+# kvm-vm reports that as status 124. Its own kernel has also panicked now and then while it
+# ran guests ("BUG: TASK stack guard page was hit" in a vcpu thread, under QEMU's emulation
+# of SVM); kvm-vm reports that as status 125 with the panic in the console log. Such a run
+# proved nothing either way: run it once more, and say so. Test failures (any other status)
+# are never retried.
 console=$(mktemp "${TMPDIR:-/tmp}/run-e2e-console.XXXXXX")
 trap 'rm -f "$console"' EXIT
 for attempt in 1 2 3; do
