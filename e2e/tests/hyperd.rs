@@ -342,6 +342,53 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// PodSandboxStats of the web pod: the VM's CPU and memory, its network traffic (the HTTP
+/// checks made some), and each container's own figures.
+fn pod_stats_checks(ctx: &Ctx, web: &WebPod) {
+    let (c, id) = (ctx.cri.clone(), web.id.clone());
+    let stats = block(async move { c.pod_sandbox_stats(&id).await }).expect("PodSandboxStats");
+    assert_eq!(
+        stats.attributes.as_ref().map(|a| a.id.as_str()),
+        Some(web.id.as_str())
+    );
+    let linux = stats.linux.as_ref().expect("linux pod stats");
+    let value = |v: Option<&cri::UInt64Value>| v.map_or(0, |v| v.value);
+    assert!(
+        value(
+            linux
+                .cpu
+                .as_ref()
+                .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        ) > 0,
+        "{linux:?}"
+    );
+    // The VMM's resident memory: at least the guest kernel's pages.
+    assert!(
+        value(
+            linux
+                .memory
+                .as_ref()
+                .and_then(|m| m.working_set_bytes.as_ref())
+        ) > 8 << 20,
+        "{linux:?}"
+    );
+    let rx = linux
+        .network
+        .as_ref()
+        .and_then(|n| n.default_interface.as_ref())
+        .map_or(0, |i| value(i.rx_bytes.as_ref()));
+    assert!(rx > 0, "no traffic on the pod's interface: {linux:?}");
+    for c in [&web.server, &web.client, &web.counter] {
+        assert!(
+            linux
+                .containers
+                .iter()
+                .any(|s| s.attributes.as_ref().map(|a| &a.id) == Some(c)),
+            "no stats for container {c}: {linux:?}"
+        );
+    }
+}
+
 /// Collects GetContainerEvents from now on, on a thread of its own.
 fn watch_events(cri: &Cri) -> Arc<Mutex<Vec<cri::ContainerEventResponse>>> {
     let c = cri.clone();
@@ -1038,6 +1085,10 @@ fn scenario(mut server: Server, registry: &Registry) {
     ctx.timed("ContainerStats + UpdateContainerResources", |c| {
         e2e::cri_checks::update_and_stats(&c.cri, &web.server)
     });
+    if flavour == Flavour::Hyperd {
+        // containerd 1.6 has no PodSandboxStats (1.7 added it).
+        pod_stats_checks(&ctx, &web);
+    }
     ctx.timed("CRI mounts", |c| mount_checks(c, &web));
 
     // Logs: the counter's lines are well-formed CRI lines without gaps.

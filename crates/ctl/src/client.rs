@@ -336,6 +336,23 @@ impl Cri {
             .into_inner())
     }
 
+    /// A pod's usage (PodSandboxStats).
+    pub async fn pod_sandbox_stats(&self, id: &str) -> Result<cri::PodSandboxStats, CtlError> {
+        let req = self.request(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: id.to_string(),
+        });
+        let r = self
+            .runtime()
+            .pod_sandbox_stats(req)
+            .await
+            .map_err(rpc("PodSandboxStats"))?
+            .into_inner();
+        r.stats.ok_or(CtlError::Incomplete {
+            call: "PodSandboxStats",
+            what: "stats",
+        })
+    }
+
     /// A container's usage (ContainerStats).
     pub async fn container_stats(&self, id: &str) -> Result<cri::ContainerStats, CtlError> {
         let req = self.request(cri::ContainerStatsRequest {
